@@ -1,0 +1,136 @@
+"""Channels kernels: x is (P, Q, C) C-contiguous, statistics per (p, c) over q.
+
+Serves channels-last batch norm (1, N*S, C) and channels-last group/instance norm (N, S, C).
+The inner loop runs along c (contiguous), so it vectorizes without reassociation. Q is cut
+into blocks whose size depends only on the shape, never on the thread count; block partials
+are merged in block order, so every thread count gives the same bits. Twins: reference.
+"""
+import numpy as np
+from numba import prange
+
+from ._jit import chan_merge, helper, kernel
+
+
+@helper
+def block_rows(Q, C):
+    """Rows per block: about 64 KiB of float64 partial work, so a block's 2nd pass hits L2."""
+    return max(1, min(Q, 8192 // max(C, 1)))
+
+
+@kernel
+def channels_moments(x, mean, m2):
+    # IN x (P, Q, C)   OUT mean, m2 (P, C) float64
+    P, Q, C = x.shape
+    h = block_rows(Q, C)
+    nb = (Q + h - 1) // h
+    bmean = np.empty((P, nb, C))
+    bm2 = np.empty((P, nb, C))
+    for t in prange(P * nb):
+        p = t // nb
+        b = t % nb
+        xs = x[p, b * h:min(Q, (b + 1) * h)]
+        n = xs.shape[0]
+        mu = bmean[p, b]
+        s2 = bm2[p, b]
+        mu[:] = 0.0
+        s2[:] = 0.0
+        for q in range(n):
+            row = xs[q]
+            for c in range(C):
+                mu[c] += row[c]
+        for c in range(C):
+            mu[c] /= n
+        for q in range(n):
+            row = xs[q]
+            for c in range(C):
+                d = row[c] - mu[c]
+                s2[c] += d * d
+    # merge blocks in order (fixed, thread-count independent)
+    for p in prange(P):
+        for c in range(C):
+            cnt = 0.0
+            mu_ = 0.0
+            s2_ = 0.0
+            for b in range(nb):
+                n = min(Q, (b + 1) * h) - b * h
+                cnt, mu_, s2_ = chan_merge(cnt, mu_, s2_, np.float64(n), bmean[p, b, c],
+                                           bm2[p, b, c])
+            mean[p, c] = mu_ if Q > 0 else np.nan
+            m2[p, c] = s2_ if Q > 0 else np.nan
+
+
+@kernel
+def channels_scale_shift(x, mean, alpha, beta, y):
+    # IN x (P, Q, C), mean/alpha/beta (P, C) float64   OUT y = (x - mean) * alpha + beta
+    P, Q, C = x.shape
+    h = block_rows(Q, C)
+    nb = (Q + h - 1) // h
+    for t in prange(P * nb):
+        p = t // nb
+        b = t % nb
+        m = mean[p]
+        a = alpha[p]
+        be = beta[p]
+        xs = x[p, b * h:min(Q, (b + 1) * h)]
+        ys = y[p, b * h:min(Q, (b + 1) * h)]
+        for q in range(xs.shape[0]):
+            xr = xs[q]
+            yr = ys[q]
+            for c in range(C):
+                yr[c] = (xr[c] - m[c]) * a[c] + be[c]
+
+
+@kernel
+def channels_dot(dy, x, mean, sum_dy, sum_dyxc):
+    # IN dy, x (P, Q, C), mean (P, C) float64   OUT sum_dy, sum_dyxc (P, C) float64
+    P, Q, C = x.shape
+    h = block_rows(Q, C)
+    nb = (Q + h - 1) // h
+    bs = np.zeros((P, nb, C))
+    bsx = np.zeros((P, nb, C))
+    for t in prange(P * nb):
+        p = t // nb
+        b = t % nb
+        m = mean[p]
+        s = bs[p, b]
+        sx = bsx[p, b]
+        xs = x[p, b * h:min(Q, (b + 1) * h)]
+        dys = dy[p, b * h:min(Q, (b + 1) * h)]
+        for q in range(xs.shape[0]):
+            xr = xs[q]
+            dyr = dys[q]
+            for c in range(C):
+                d = np.float64(dyr[c])
+                s[c] += d
+                sx[c] += d * (xr[c] - m[c])
+    for p in prange(P):
+        sum_dy[p, :] = 0.0
+        sum_dyxc[p, :] = 0.0
+        for b in range(nb):
+            for c in range(C):
+                sum_dy[p, c] += bs[p, b, c]
+                sum_dyxc[p, c] += bsx[p, b, c]
+
+
+@kernel
+def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
+    # IN dy, x (P, Q, C), mean/c1/c2/c3 (P, C) float64   OUT dx = c1*dy + c2*(x - mean) + c3
+    P, Q, C = x.shape
+    h = block_rows(Q, C)
+    nb = (Q + h - 1) // h
+    for t in prange(P * nb):
+        p = t // nb
+        b = t % nb
+        m = mean[p]
+        a = c1[p]
+        bb = c2[p]
+        cc = c3[p]
+        xs = x[p, b * h:min(Q, (b + 1) * h)]
+        dys = dy[p, b * h:min(Q, (b + 1) * h)]
+        dxs = dx[p, b * h:min(Q, (b + 1) * h)]
+        for q in range(xs.shape[0]):
+            xr = xs[q]
+            dyr = dys[q]
+            dxr = dxs[q]
+            for c in range(C):
+                dxr[c] = a[c] * dyr[c] + bb[c] * (xr[c] - m[c]) + cc[c]

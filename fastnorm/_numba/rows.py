@@ -1,0 +1,149 @@
+"""Rows kernels: x is (R, M) C-contiguous, statistics per row.
+
+Serves layer/RMS norm (fused rows_fwd/rows_bwd, the row stays in cache between its passes)
+and, through rows_moments / rows_scale_shift / rows_dot / rows_bwd_apply, every channels-first
+batch/group/instance norm viewed as (N*C, S) or (N*G, C/G*S) rows. Twins: fastnorm.reference.
+"""
+import numpy as np
+from numba import prange
+
+from ._jit import kernel, row_moments
+
+
+@kernel
+def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
+    # IN x (R, M), weight/bias (M,) or None, eps, rms   OUT y (R, M), mean/rstd (R,)
+    R, M = x.shape
+    for r in prange(R):
+        xr = x[r]
+        yr = y[r]
+        if rms:
+            mu = 0.0
+            ss = 0.0
+            for i in range(M):
+                v = np.float64(xr[i])
+                ss += v * v
+            var = ss / M
+        else:
+            mu, m2 = row_moments(xr)
+            var = max(m2 / M, 0.0)
+        rs = 1.0 / np.sqrt(var + eps)
+        # Scalar math: y = (x - mean) * (rstd * w) + b, mean kept inside (no cancellation)
+        if weight is None:
+            if bias is None:
+                for i in range(M):
+                    yr[i] = (xr[i] - mu) * rs
+            else:
+                for i in range(M):
+                    yr[i] = (xr[i] - mu) * rs + bias[i]
+        else:
+            if bias is None:
+                for i in range(M):
+                    yr[i] = (xr[i] - mu) * (rs * weight[i])
+            else:
+                for i in range(M):
+                    yr[i] = (xr[i] - mu) * (rs * weight[i]) + bias[i]
+        mean[r] = mu
+        rstd[r] = rs
+
+
+@kernel
+def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
+    # IN dy, x (R, M), mean/rstd (R,), weight (M,)|None   OUT dx (R, M),
+    # dw_part/db_part (B, M) float64 | None: block b sums rows [b*R//B, (b+1)*R//B)
+    R, M = x.shape
+    B = dw_part.shape[0] if dw_part is not None else (
+        db_part.shape[0] if db_part is not None else min(R, 64))
+    for b in prange(B):
+        if dw_part is not None:
+            dw_part[b, :] = 0.0
+        if db_part is not None:
+            db_part[b, :] = 0.0
+        for r in range(b * R // B, (b + 1) * R // B):
+            mu = np.float64(mean[r])
+            rs = np.float64(rstd[r])
+            xr = x[r]
+            dyr = dy[r]
+            dxr = dx[r]
+            # sums over the row of g = dy * w and g * xhat
+            sg = 0.0
+            sgx = 0.0
+            for i in range(M):
+                xh = (xr[i] - mu) * rs
+                g = np.float64(dyr[i]) if weight is None else dyr[i] * np.float64(weight[i])
+                sg += g
+                sgx += g * xh
+            if dw_part is not None:
+                dwb = dw_part[b]
+                for i in range(M):
+                    dwb[i] += dyr[i] * ((xr[i] - mu) * rs)
+            if db_part is not None:
+                dbb = db_part[b]
+                for i in range(M):
+                    dbb[i] += dyr[i]
+            mg = 0.0 if rms else sg / M
+            mgx = sgx / M
+            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (term 1, 2, 3)
+            if weight is None:
+                for i in range(M):
+                    dxr[i] = rs * ((dyr[i] - mg) - (xr[i] - mu) * rs * mgx)
+            else:
+                for i in range(M):
+                    dxr[i] = rs * ((dyr[i] * np.float64(weight[i]) - mg)
+                                   - (xr[i] - mu) * rs * mgx)
+
+
+@kernel
+def rows_moments(x, mean, m2):
+    # IN x (R, M)   OUT mean, m2 (R,) float64
+    R = x.shape[0]
+    for r in prange(R):
+        mean[r], m2[r] = row_moments(x[r])
+
+
+@kernel
+def rows_scale_shift(x, mean, alpha, beta, y):
+    # IN x (R, M), mean/alpha/beta (R,) float64   OUT y = (x - mean) * alpha + beta
+    R, M = x.shape
+    for r in prange(R):
+        xr = x[r]
+        yr = y[r]
+        m = mean[r]
+        a = alpha[r]
+        b = beta[r]
+        for i in range(M):
+            yr[i] = (xr[i] - m) * a + b
+
+
+@kernel
+def rows_dot(dy, x, mean, sum_dy, sum_dyxc):
+    # IN dy, x (R, M), mean (R,) float64   OUT sum_dy, sum_dyxc (R,) float64
+    R, M = x.shape
+    for r in prange(R):
+        xr = x[r]
+        dyr = dy[r]
+        m = mean[r]
+        s = 0.0
+        sx = 0.0
+        for i in range(M):
+            d = np.float64(dyr[i])
+            s += d
+            sx += d * (xr[i] - m)
+        sum_dy[r] = s
+        sum_dyxc[r] = sx
+
+
+@kernel
+def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
+    # IN dy, x (R, M), mean/c1/c2/c3 (R,) float64   OUT dx = c1*dy + c2*(x - mean) + c3
+    R, M = x.shape
+    for r in prange(R):
+        xr = x[r]
+        dyr = dy[r]
+        dxr = dx[r]
+        m = mean[r]
+        a = c1[r]
+        b = c2[r]
+        c = c3[r]
+        for i in range(M):
+            dxr[i] = a * dyr[i] + b * (xr[i] - m) + c

@@ -1,0 +1,5 @@
+"""The autodiff tape (filled in by the autograd issue)."""
+
+
+class Tensor:
+    pass

@@ -1,0 +1,353 @@
+"""float64 NumPy twins: the test oracle and the fallback backend.
+
+Two layers, both written for clarity rather than speed:
+
+1. **Oracles** (``batch_norm``, ``layer_norm_backward``, ...): each norm written straight
+   from its definition with ``x.mean(axes)``/``x.var(axes)`` on the user's array. They share
+   no code with ``api.py`` or ``_geometry.py``, so a bug in the fast adapters cannot hide
+   behind them.
+2. **Kernel twins** (``rows_fwd``, ``channels_moments``, ...): the same names, argument order
+   and outputs as ``fastnorm._numba`` and ``fastnorm_cy``. They are registered as the
+   ``"numpy"`` backend and serve any input the compiled backends decline.
+
+Kernel contract (every backend): arrays are C-contiguous; ``T`` is float32 or float64 (the
+data dtype); per-row/per-channel moments and backward sums are float64; outputs are written
+into the arrays passed in, nothing is returned.
+
+    rows (x is (R, M), statistics per row)
+      rows_fwd(x, weight|None, bias|None, eps, rms, y, mean, rstd)     mean, rstd: (R,) T
+      rows_bwd(dy, x, mean, rstd, weight|None, rms, dx, dw_part|None, db_part|None)
+          dw_part, db_part: (B, M) f64, B row blocks (block b = rows [b*R//B, (b+1)*R//B))
+      rows_moments(x, mean, m2)                      (R,) f64: mean and sum((x - mean)**2)
+      rows_scale_shift(x, mean, alpha, beta, y)      y = (x - mean[r]) * alpha[r] + beta[r]
+      rows_dot(dy, x, mean, sum_dy, sum_dyxc)        sums of dy and dy * (x - mean[r])
+      rows_bwd_apply(dy, x, mean, c1, c2, c3, dx)    dx = c1[r]*dy + c2[r]*(x - mean[r]) + c3[r]
+    channels (x is (P, Q, C), statistics per (p, c) over q; every per-channel array is (P, C))
+      channels_moments(x, mean, m2)
+      channels_scale_shift(x, mean, alpha, beta, y)
+      channels_dot(dy, x, mean, sum_dy, sum_dyxc)
+      channels_bwd_apply(dy, x, mean, c1, c2, c3, dx)
+"""
+import numpy as np
+
+# ----------------------------------------------------------------------------------------
+# Oracles. x, dy: any float array; everything is computed in float64 and returned in float64.
+# ----------------------------------------------------------------------------------------
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def _normalize(x, axes, eps, rms=False):
+    """x -> (xhat, mean, rstd) with statistics over ``axes`` (kept as size-1 dims)."""
+    if rms:
+        rstd = 1.0 / np.sqrt((x * x).mean(axis=axes, keepdims=True) + eps)
+        return x * rstd, np.zeros_like(rstd), rstd
+    mean = x.mean(axis=axes, keepdims=True)
+    rstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    return (x - mean) * rstd, mean, rstd
+
+
+def _backward(dy, xhat, rstd, axes, g_scale, rms=False):
+    """dx of y = xhat * w + b, with statistics over ``axes``; g = dy * w (w broadcast).
+
+    term 1: g;  term 2: - mean(g)  (absent for RMS: no mean was subtracted);
+    term 3: - xhat * mean(g * xhat)
+    """
+    g = dy * g_scale
+    dx = g - xhat * (g * xhat).mean(axis=axes, keepdims=True)
+    if not rms:
+        dx = dx - g.mean(axis=axes, keepdims=True)
+    return dx * rstd
+
+
+def _channel_axes(ndim, axis):
+    axis = axis % ndim
+    return axis, tuple(i for i in range(ndim) if i != axis)
+
+
+def _bshape(ndim, axis):
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+def _update_running(running_mean, running_var, mean, var_unbiased, momentum, num_batches_tracked):
+    if num_batches_tracked is not None:
+        num_batches_tracked += 1
+    if momentum is None:
+        momentum = 1.0 / float(num_batches_tracked)
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean
+    running_var *= 1 - momentum
+    running_var += momentum * var_unbiased
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, axis=1, num_batches_tracked=None):
+    """BN oracle: returns (y, mean, rstd) in float64; updates running stats in place."""
+    x = _f64(x)
+    axis, red = _channel_axes(x.ndim, axis)
+    bs = _bshape(x.ndim, axis)
+    if training:
+        mean = x.mean(axis=red)
+        var = x.var(axis=red)
+        count = x.size // x.shape[axis]
+        if running_mean is not None:
+            _update_running(running_mean, running_var, mean, var * count / (count - 1),
+                            momentum, num_batches_tracked)
+    else:
+        mean, var = _f64(running_mean), _f64(running_var)
+    rstd = 1.0 / np.sqrt(var + eps)
+    y = (x - mean.reshape(bs)) * rstd.reshape(bs)
+    if weight is not None:
+        y = y * _f64(weight).reshape(bs)
+    if bias is not None:
+        y = y + _f64(bias).reshape(bs)
+    return y, mean, rstd
+
+
+def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, axis=1):
+    """(grad_x, grad_weight, grad_bias) of BN; eval mode treats mean/rstd as constants."""
+    dy, x = _f64(dy), _f64(x)
+    axis, red = _channel_axes(x.ndim, axis)
+    bs = _bshape(x.ndim, axis)
+    mean, rstd = _f64(mean).reshape(bs), _f64(rstd).reshape(bs)
+    w = np.ones(bs) if weight is None else _f64(weight).reshape(bs)
+    xhat = (x - mean) * rstd
+    if training:
+        dx = _backward(dy, xhat, rstd, red, w)
+    else:
+        dx = dy * w * rstd
+    return dx, (dy * xhat).sum(axis=red), dy.sum(axis=red)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """LN oracle: (y, mean, rstd); mean/rstd have the leading shape."""
+    x = _f64(x)
+    k = len(tuple(normalized_shape))
+    axes = tuple(range(x.ndim - k, x.ndim))
+    xhat, mean, rstd = _normalize(x, axes, eps)
+    y = xhat
+    if weight is not None:
+        y = y * _f64(weight)
+    if bias is not None:
+        y = y + _f64(bias)
+    lead = x.shape[:x.ndim - k]
+    return y, mean.reshape(lead), rstd.reshape(lead)
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight=None, normalized_shape=None, rms=False):
+    dy, x = _f64(dy), _f64(x)
+    k = x.ndim - np.ndim(rstd)
+    axes = tuple(range(x.ndim - k, x.ndim))
+    lead = tuple(range(x.ndim - k))
+    shp = x.shape[:x.ndim - k] + (1,) * k
+    mean, rstd = _f64(mean).reshape(shp), _f64(rstd).reshape(shp)
+    xhat = (x - mean) * rstd
+    w = np.ones(x.shape[x.ndim - k:]) if weight is None else _f64(weight)
+    dx = _backward(dy, xhat, rstd, axes, w, rms=rms)
+    return dx, (dy * xhat).sum(axis=lead), dy.sum(axis=lead)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """RMSNorm oracle: (y, rstd); eps=None means finfo(x.dtype).eps, as torch."""
+    if eps is None:
+        eps = float(np.finfo(np.asarray(x).dtype).eps)
+    x = _f64(x)
+    k = len(tuple(normalized_shape))
+    axes = tuple(range(x.ndim - k, x.ndim))
+    xhat, _, rstd = _normalize(x, axes, eps, rms=True)
+    y = xhat if weight is None else xhat * _f64(weight)
+    return y, rstd.reshape(x.shape[:x.ndim - k])
+
+
+def rms_norm_backward(dy, x, rstd, weight=None):
+    dx, dw, _ = layer_norm_backward(dy, x, np.zeros(np.shape(rstd)), rstd, weight, rms=True)
+    return dx, dw
+
+
+def _grouped(x, num_groups, axis):
+    """Move channels to axis 1 and split them: (N, G, C/G, *spatial)."""
+    x = np.moveaxis(x, axis, 1)
+    n, c = x.shape[:2]
+    return x.reshape((n, num_groups, c // num_groups) + x.shape[2:])
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis=1):
+    """GN oracle: (y, mean, rstd) with mean/rstd of shape (N, G)."""
+    x = _f64(x)
+    axis = axis % x.ndim
+    xg = _grouped(x, num_groups, axis)
+    axes = tuple(range(2, xg.ndim))
+    xhat, mean, rstd = _normalize(xg, axes, eps)
+    c = x.shape[axis]
+    y = np.moveaxis(xhat.reshape((x.shape[0], c) + xg.shape[3:]), 1, axis)
+    bs = _bshape(x.ndim, axis)
+    if weight is not None:
+        y = y * _f64(weight).reshape(bs)
+    if bias is not None:
+        y = y + _f64(bias).reshape(bs)
+    return y, mean.reshape(x.shape[0], num_groups), rstd.reshape(x.shape[0], num_groups)
+
+
+def group_norm_backward(dy, x, mean, rstd, weight=None, num_groups=1, axis=1):
+    dy, x = _f64(dy), _f64(x)
+    axis = axis % x.ndim
+    c = x.shape[axis]
+    xg, dyg = _grouped(x, num_groups, axis), _grouped(dy, num_groups, axis)
+    extra = (1,) * (xg.ndim - 2)
+    mean = _f64(mean).reshape(mean.shape + extra)
+    rstd = _f64(rstd).reshape(rstd.shape + extra)
+    xhat = (xg - mean) * rstd
+    w = np.ones(c) if weight is None else _f64(weight)
+    wg = w.reshape((1, num_groups, c // num_groups) + (1,) * (xg.ndim - 3))
+    dxg = _backward(dyg, xhat, rstd, tuple(range(2, xg.ndim)), wg)
+    dx = np.moveaxis(dxg.reshape((x.shape[0], c) + xg.shape[3:]), 1, axis)
+    red = (0,) + tuple(range(3, xg.ndim))
+    dw = (dyg * xhat).sum(axis=red).reshape(c)
+    db = dyg.sum(axis=red).reshape(c)
+    return dx, dw, db
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, axis=1,
+                  num_batches_tracked=None):
+    """IN oracle: (y, mean, rstd) with mean/rstd of shape (N, C) (or (C,) from running stats)."""
+    x = _f64(x)
+    axis = axis % x.ndim
+    bs = _bshape(x.ndim, axis)
+    red = tuple(i for i in range(1, x.ndim) if i != axis)
+    nc_shape = [1] * x.ndim
+    nc_shape[0] = x.shape[0]
+    nc_shape[axis] = x.shape[axis]
+    if use_input_stats:
+        mean = x.mean(axis=red)
+        var = x.var(axis=red)
+        if running_mean is not None:
+            count = int(np.prod([x.shape[i] for i in red]))
+            _update_running(running_mean, running_var, mean.mean(axis=0),
+                            (var * count / (count - 1)).mean(axis=0), momentum,
+                            num_batches_tracked)
+        rstd = 1.0 / np.sqrt(var + eps)
+        y = (x - mean.reshape(nc_shape)) * rstd.reshape(nc_shape)
+    else:
+        mean, var = _f64(running_mean), _f64(running_var)
+        rstd = 1.0 / np.sqrt(var + eps)
+        y = (x - mean.reshape(bs)) * rstd.reshape(bs)
+    if weight is not None:
+        y = y * _f64(weight).reshape(bs)
+    if bias is not None:
+        y = y + _f64(bias).reshape(bs)
+    return y, mean, rstd
+
+
+def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True, axis=1):
+    dy, x = _f64(dy), _f64(x)
+    axis = axis % x.ndim
+    bs = _bshape(x.ndim, axis)
+    w = np.ones(bs) if weight is None else _f64(weight).reshape(bs)
+    red = tuple(i for i in range(1, x.ndim) if i != axis)
+    if use_input_stats:
+        nc_shape = [1] * x.ndim
+        nc_shape[0] = x.shape[0]
+        nc_shape[axis] = x.shape[axis]
+        mean, rstd = _f64(mean).reshape(nc_shape), _f64(rstd).reshape(nc_shape)
+        xhat = (x - mean) * rstd
+        dx = _backward(dy, xhat, rstd, red, w)
+    else:
+        mean, rstd = _f64(mean).reshape(bs), _f64(rstd).reshape(bs)
+        xhat = (x - mean) * rstd
+        dx = dy * w * rstd
+    red_all = (0,) + red
+    return dx, (dy * xhat).sum(axis=red_all), dy.sum(axis=red_all)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel twins: the "numpy" backend. Same names, arguments and outputs as fastnorm._numba.
+# ----------------------------------------------------------------------------------------
+
+
+def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
+    # x, y: (R, M)   weight, bias: (M,) or None   mean, rstd: (R,)
+    x64 = x.astype(np.float64)
+    mu = np.zeros(x.shape[0]) if rms else x64.mean(axis=1)
+    xc = x64 - mu[:, None]
+    r = 1.0 / np.sqrt((xc * xc).mean(axis=1) + eps)
+    out = xc * r[:, None]
+    if weight is not None:
+        out *= weight
+    if bias is not None:
+        out += bias
+    y[...] = out
+    mean[...] = mu
+    rstd[...] = r
+
+
+def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
+    # dy, x, dx: (R, M)   mean, rstd: (R,)   dw_part, db_part: (B, M) float64 or None
+    dy64 = dy.astype(np.float64)
+    xhat = (x.astype(np.float64) - mean.astype(np.float64)[:, None]) * rstd[:, None]
+    g = dy64 if weight is None else dy64 * weight
+    t = g - xhat * (g * xhat).mean(axis=1, keepdims=True)  # term 1 and term 3
+    if not rms:
+        t -= g.mean(axis=1, keepdims=True)                  # term 2
+    dx[...] = t * rstd[:, None]
+    parts = [p for p in (dw_part, db_part) if p is not None]
+    R, B = x.shape[0], (parts[0].shape[0] if parts else 0)
+    for b in range(B):
+        lo, hi = b * R // B, (b + 1) * R // B
+        if dw_part is not None:
+            dw_part[b] = (dy64[lo:hi] * xhat[lo:hi]).sum(axis=0)
+        if db_part is not None:
+            db_part[b] = dy64[lo:hi].sum(axis=0)
+
+
+def rows_moments(x, mean, m2):
+    # x: (R, M) -> mean, m2: (R,) float64, m2 = sum of squared deviations
+    x64 = x.astype(np.float64)
+    mean[...] = x64.mean(axis=1)
+    m2[...] = ((x64 - mean[:, None]) ** 2).sum(axis=1)
+
+
+def rows_scale_shift(x, mean, alpha, beta, y):
+    y[...] = (x.astype(np.float64) - mean[:, None]) * alpha[:, None] + beta[:, None]
+
+
+def rows_dot(dy, x, mean, sum_dy, sum_dyxc):
+    dy64 = dy.astype(np.float64)
+    sum_dy[...] = dy64.sum(axis=1)
+    sum_dyxc[...] = (dy64 * (x.astype(np.float64) - mean[:, None])).sum(axis=1)
+
+
+def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
+    xc = x.astype(np.float64) - mean[:, None]
+    dx[...] = c1[:, None] * dy + c2[:, None] * xc + c3[:, None]
+
+
+def channels_moments(x, mean, m2):
+    # x: (P, Q, C) -> mean, m2: (P, C) float64
+    x64 = x.astype(np.float64)
+    mean[...] = x64.mean(axis=1)
+    m2[...] = ((x64 - mean[:, None, :]) ** 2).sum(axis=1)
+
+
+def channels_scale_shift(x, mean, alpha, beta, y):
+    y[...] = (x.astype(np.float64) - mean[:, None, :]) * alpha[:, None, :] + beta[:, None, :]
+
+
+def channels_dot(dy, x, mean, sum_dy, sum_dyxc):
+    dy64 = dy.astype(np.float64)
+    sum_dy[...] = dy64.sum(axis=1)
+    sum_dyxc[...] = (dy64 * (x.astype(np.float64) - mean[:, None, :])).sum(axis=1)
+
+
+def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
+    xc = x.astype(np.float64) - mean[:, None, :]
+    dx[...] = c1[:, None, :] * dy + c2[:, None, :] * xc + c3[:, None, :]
+
+
+KERNELS = ("rows_fwd", "rows_bwd", "rows_moments", "rows_scale_shift", "rows_dot",
+           "rows_bwd_apply", "channels_moments", "channels_scale_shift", "channels_dot",
+           "channels_bwd_apply")
