@@ -18,10 +18,21 @@ _F64 = np.float64
 
 # ---------------------------------------------------------------------------- validation
 
-def _tape(*args):
-    """The autograd module when any argument is a fastnorm.Tensor, else None."""
+def _other(backend, *args):
+    """The module that takes this call instead of the NumPy path, or None.
+
+    fastnorm.autograd when an argument is a ``fastnorm.Tensor`` (the call is recorded on
+    the tape); fastnorm._cuda for device arrays (``__cuda_array_interface__``) or when the
+    "cuda" backend is selected. Both expose every public function with this signature.
+    """
     from . import autograd
-    return autograd if any(isinstance(a, autograd.Tensor) for a in args) else None
+    if any(isinstance(a, autograd.Tensor) for a in args):
+        return autograd
+    if (any(hasattr(a, "__cuda_array_interface__") for a in args)
+            or (backend or _dispatch._current.get()) == "cuda"):
+        from . import _cuda
+        return _cuda
+    return None
 
 
 def _input(x, name="input", min_ndim=1):
@@ -249,9 +260,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     >>> bool(abs(y.mean()) < 1e-5), rm.round(1)
     (True, array([0.3, 0.3, 0.3, 0.3], dtype=float32))
     """
-    tape = _tape(input, weight, bias)
-    if tape is not None:
-        return tape.batch_norm(input, running_mean, running_var, weight, bias, training,
+    alt = _other(backend, input, weight, bias, running_mean, running_var)
+    if alt is not None:
+        return alt.batch_norm(input, running_mean, running_var, weight, bias, training,
                                momentum, eps, axis=axis, out=out, return_stats=return_stats,
                                num_batches_tracked=num_batches_tracked, backend=backend)
     x = _input(input, "input", 2)
@@ -319,6 +330,10 @@ def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True,
     >>> bool(abs(gx).max() < 1e-12), gb
     (True, array([16., 16., 16.]))
     """
+    alt = _other(backend, grad_out, input)
+    if alt is not None:
+        return alt.batch_norm_backward(grad_out, input, mean, rstd, weight, training,
+                                       axis=axis, has_bias=has_bias, backend=backend)
     x = _input(input, "input", 2)
     ax = _axis(axis, x.ndim)
     C, T = x.shape[ax], _compute_dtype(x)
@@ -382,9 +397,9 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     >>> np.allclose(y.mean(axis=(2, 3)), 0), np.allclose(y.var(axis=(2, 3)), 1, atol=1e-4)
     (True, True)
     """
-    tape = _tape(input, weight, bias)
-    if tape is not None:
-        return tape.instance_norm(input, running_mean, running_var, weight, bias,
+    alt = _other(backend, input, weight, bias, running_mean, running_var)
+    if alt is not None:
+        return alt.instance_norm(input, running_mean, running_var, weight, bias,
                                   use_input_stats, momentum, eps, axis=axis, out=out,
                                   return_stats=return_stats,
                                   num_batches_tracked=num_batches_tracked, backend=backend)
@@ -490,6 +505,10 @@ def instance_norm_backward(grad_out, input, mean, rstd, weight=None, use_input_s
     >>> float(abs(gx).max()) < 1e-12
     True
     """
+    alt = _other(backend, grad_out, input)
+    if alt is not None:
+        return alt.instance_norm_backward(grad_out, input, mean, rstd, weight, use_input_stats,
+                                          axis=axis, has_bias=has_bias, backend=backend)
     return _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, None,
                         training=use_input_stats)
 
@@ -510,9 +529,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     >>> mean.shape, bool(abs(y.reshape(2, 4, -1).mean(-1)).max() < 1e-5)
     ((2, 4), True)
     """
-    tape = _tape(input, weight, bias)
-    if tape is not None:
-        return tape.group_norm(input, num_groups, weight, bias, eps, axis=axis, out=out,
+    alt = _other(backend, input, weight, bias)
+    if alt is not None:
+        return alt.group_norm(input, num_groups, weight, bias, eps, axis=axis, out=out,
                                return_stats=return_stats, backend=backend)
     x = _input(input, "input", 2)
     ax = _axis(axis, x.ndim)
@@ -566,6 +585,11 @@ def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups,
     >>> gx.shape, gw, gb.shape
     ((2, 4, 6), None, (4,))
     """
+    alt = _other(backend, grad_out, input)
+    if alt is not None:
+        return alt.group_norm_backward(grad_out, input, mean, rstd, weight,
+                                       num_groups=num_groups, axis=axis, has_bias=has_bias,
+                                       backend=backend)
     x = _input(input, "input", 2)
     C = x.shape[_axis(axis, x.ndim)]
     if not isinstance(num_groups, numbers.Integral) or num_groups < 1 or C % num_groups:
@@ -665,9 +689,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     >>> y.dtype, bool(abs(y.mean(-1)).max() < 1e-5)
     (dtype('float32'), True)
     """
-    tape = _tape(input, weight, bias)
-    if tape is not None:
-        return tape.layer_norm(input, normalized_shape, weight, bias, eps, out=out,
+    alt = _other(backend, input, weight, bias)
+    if alt is not None:
+        return alt.layer_norm(input, normalized_shape, weight, bias, eps, out=out,
                                return_stats=return_stats, backend=backend)
     return _rows_forward(input, normalized_shape, weight, bias, eps, False, out,
                          return_stats, backend)
@@ -688,6 +712,11 @@ def layer_norm_backward(grad_out, input, mean, rstd, weight=None, *, normalized_
     >>> float(abs(gx).max()) < 1e-12, gb
     (True, array([3., 3., 3., 3., 3.]))
     """
+    alt = _other(backend, grad_out, input)
+    if alt is not None:
+        return alt.layer_norm_backward(grad_out, input, mean, rstd, weight,
+                                       normalized_shape=normalized_shape, has_bias=has_bias,
+                                       backend=backend)
     return _rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, False,
                           has_bias, backend)
 
@@ -706,9 +735,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, return
     >>> np.round(y, 6)
     array([[0.848528, 1.131371]])
     """
-    tape = _tape(input, weight)
-    if tape is not None:
-        return tape.rms_norm(input, normalized_shape, weight, eps, out=out,
+    alt = _other(backend, input, weight)
+    if alt is not None:
+        return alt.rms_norm(input, normalized_shape, weight, eps, out=out,
                              return_stats=return_stats, backend=backend)
     if eps is None:
         eps = float(np.finfo(_input(input).dtype).eps)
@@ -729,6 +758,10 @@ def rms_norm_backward(grad_out, input, rstd, weight=None, *, normalized_shape=No
     >>> gx.shape, gw.shape
     ((3, 4), (4,))
     """
+    alt = _other(backend, grad_out, input)
+    if alt is not None:
+        return alt.rms_norm_backward(grad_out, input, rstd, weight,
+                                     normalized_shape=normalized_shape, backend=backend)
     gx, gw, _ = _rows_backward(grad_out, input, None, rstd, weight, normalized_shape, True,
                                False, backend)
     return gx, gw

@@ -1,0 +1,1 @@
+"""Layer classes (work in progress in this session)."""

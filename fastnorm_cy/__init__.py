@@ -1,0 +1,1 @@
+raise ImportError("the Cython backend is not built yet")
