@@ -114,7 +114,7 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, training=True, axis=1):
     axis, red = _channel_axes(x.ndim, axis)
     bs = _bshape(x.ndim, axis)
     mean, rstd = _f64(mean).reshape(bs), _f64(rstd).reshape(bs)
-    w = np.ones(bs) if weight is None else _f64(weight).reshape(bs)
+    w = np.ones(x.shape[axis]).reshape(bs) if weight is None else _f64(weight).reshape(bs)
     xhat = (x - mean) * rstd
     if training:
         dx = _backward(dy, xhat, rstd, red, w)
@@ -247,7 +247,7 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True,
     dy, x = _f64(dy), _f64(x)
     axis = axis % x.ndim
     bs = _bshape(x.ndim, axis)
-    w = np.ones(bs) if weight is None else _f64(weight).reshape(bs)
+    w = np.ones(x.shape[axis]).reshape(bs) if weight is None else _f64(weight).reshape(bs)
     red = tuple(i for i in range(1, x.ndim) if i != axis)
     if use_input_stats:
         nc_shape = [1] * x.ndim

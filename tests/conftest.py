@@ -1,0 +1,57 @@
+"""Shared fixtures: the backends under test and the hostile-input generator."""
+import numpy as np
+import pytest
+
+import fastnorm
+
+BACKENDS = fastnorm.available_backends()   # cython (when built), numba, numpy
+COMPILED = [b for b in BACKENDS if b != "numpy"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = fastnorm.get_num_threads()
+    yield
+    fastnorm.set_num_threads(n)
+
+
+def tol(dtype, scale=1.0):
+    """Absolute tolerance for a result of magnitude ``scale`` computed in ``dtype``."""
+    base = {np.float64: 1e-10, np.float32: 2e-5, np.float16: 4e-3}[np.dtype(dtype).type]
+    return base * max(1.0, float(scale))
+
+
+def assert_close(actual, expected, dtype, what, scale=None):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if scale is None:
+        scale = np.nanmax(np.abs(expected)) if expected.size else 1.0
+    err = np.nanmax(np.abs(actual - expected)) if actual.size else 0.0
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaN pattern differs"
+    assert err <= tol(dtype, scale), f"{what}: max abs error {err:.3g} > {tol(dtype, scale):.3g}"
+
+
+def hostile(rng, shape, dtype, offset=0.0, layout="contiguous", axis=1):
+    """x of ``shape`` and ``dtype`` laid out in memory as ``layout``.
+
+    layouts: contiguous; channels_last (``axis`` innermost in memory, same logical shape);
+    strided (every other element of a larger array along the last axis); transposed (F order).
+    A large ``offset`` tests cancellation (DESIGN.md §5).
+    """
+    base = offset + rng.standard_normal(shape)
+    if layout == "contiguous":
+        x = base.astype(dtype)
+    elif layout == "channels_last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(base, axis, -1)).astype(dtype), -1,
+                        axis)
+    elif layout == "strided":
+        big = np.empty(shape[:-1] + (2 * shape[-1],), dtype)
+        big[..., ::2] = base
+        x = big[..., ::2]
+    elif layout == "transposed":
+        x = np.asfortranarray(base.astype(dtype))
+    else:
+        raise ValueError(layout)
+    assert x.shape == tuple(shape)
+    return x
