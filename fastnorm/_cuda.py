@@ -25,6 +25,7 @@ outputs; running statistics given as device arrays are updated in place on the d
 float16 and empty inputs take one round trip through the host (NumPy path).
 """
 import math
+import numbers
 
 try:
     import numba_cuda  # noqa: F401  (numba's own bundled cuda target is deprecated)
@@ -617,3 +618,600 @@ def get_num_threads():
 def info():
     return {"numba-cuda": numba_cuda.__version__, "simulator": SIMULATOR,
             "shuffles": USE_SHUFFLE, "warp": WARP, "threads_per_block": MAX_TPB}
+
+
+# --------------------------------------------------------------------- device arrays
+
+def _is_dev(a):
+    return isinstance(a, _DevArray) or hasattr(a, "__cuda_array_interface__")
+
+
+def _dev(a):
+    """a numba device array for a device-array-like (numba, CuPy, ...)."""
+    return a if isinstance(a, _DevArray) else cuda.as_cuda_array(a)
+
+
+def _permute(d, perm):
+    """View of device array ``d`` with its axes in the order ``perm`` (no copy)."""
+    if SIMULATOR:
+        return d.transpose(tuple(perm))
+    return _DevArray(tuple(d.shape[i] for i in perm), tuple(d.strides[i] for i in perm),
+                     d.dtype, stream=d.stream, gpu_data=d.gpu_data)
+
+
+def _fits(shape, strides, itemsize, perm):
+    """True when the axes in the order ``perm`` are C-contiguous (size-1 axes ignored)."""
+    step = itemsize
+    for i in reversed(perm):
+        if shape[i] != 1 and strides[i] != step:
+            return False
+        step *= shape[i]
+    return True
+
+
+def _dev_layout(x, axis, batch_outer):
+    """(x as a C-contiguous device array in memory order, Layout): a copy only if needed.
+
+    The same candidate orders as ``_geometry.layout`` (natural, channels-last,
+    channels-first), judged from the strides.
+    """
+    ndim = x.ndim
+    perms = geo._candidates(ndim, 0 if axis is None else axis)
+    if axis is None:
+        perms = perms[:1]
+    for perm in perms:
+        if _fits(x.shape, x.strides, x.dtype.itemsize, perm) and (
+                not batch_outer or (perm[0] == 0 and perm.index(axis) in (1, ndim - 1))):
+            return _permute(x, perm), geo.Layout(x.shape, perm)
+    perm = perms[0]
+    if batch_outer and axis not in (1, ndim - 1):
+        perm = perms[2]
+    lay = geo.Layout(x.shape, perm)
+    xm = cuda.device_array([x.shape[i] for i in perm], x.dtype)
+    _permute(xm, lay.inv)[...] = x      # one strided device copy
+    return xm, lay
+
+
+class _Call:
+    """One public call: where the input lives, its layout, and moving results back."""
+
+    def __init__(self, input, axis, batch_outer, min_ndim):
+        if _is_dev(input):
+            x = _dev(input)
+            if np.dtype(x.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+                raise TypeError("input must be float16, float32 or float64, "
+                                f"got dtype {x.dtype}")
+            if x.ndim < min_ndim:
+                raise ValueError(f"input must have at least {min_ndim} dimensions, "
+                                 f"got shape {tuple(x.shape)}")
+            self.host = False
+        else:
+            x = _api._input(input, "input", min_ndim)
+            self.host = True
+        self.shape, self.ndim, self.T = tuple(x.shape), x.ndim, np.dtype(x.dtype)
+        self.ax = None if axis is None else _api._axis(axis, x.ndim)
+        self.x, self.batch_outer = x, batch_outer
+
+    def layout(self):
+        """(x in memory order on the device, Layout)."""
+        if self.host:
+            xw, lay = geo.layout(self.x, self.ax, self.batch_outer)
+            return cuda.to_device(np.ascontiguousarray(xw.transpose(lay.perm))), lay
+        return _dev_layout(self.x, self.ax, self.batch_outer)
+
+    def like(self, a, lay, name):
+        """grad_out in x's memory order on the device."""
+        if _is_dev(a):
+            a = _dev(a)
+            if tuple(a.shape) != self.shape:
+                raise ValueError(f"{name} must have the input's shape {self.shape}, "
+                                 f"got {tuple(a.shape)}")
+            if np.dtype(a.dtype) != self.T:
+                raise TypeError(f"{name} must have the input's dtype {self.T}, got {a.dtype}")
+            if _fits(a.shape, a.strides, a.dtype.itemsize, lay.perm):
+                return _permute(a, lay.perm)
+            am = cuda.device_array([self.shape[i] for i in lay.perm], self.T)
+            _permute(am, lay.inv)[...] = a
+            return am
+        a = _api._input(a, name)
+        if a.shape != self.shape:
+            raise ValueError(f"{name} must have the input's shape {self.shape}, got {a.shape}")
+        return cuda.to_device(np.ascontiguousarray(a.astype(self.T, copy=False)
+                                                   .transpose(lay.perm)))
+
+    def output(self, out, lay):
+        """(y in memory order on the device to compute into, out or None)."""
+        mshape = [self.shape[i] for i in lay.perm]
+        if out is None:
+            return cuda.device_array(mshape, self.T), None
+        if _is_dev(out):
+            o = _dev(out)
+            if tuple(o.shape) != self.shape or np.dtype(o.dtype) != self.T:
+                raise ValueError(f"out must have shape {self.shape} and dtype {self.T}, "
+                                 f"got {tuple(o.shape)} and {o.dtype}")
+            if _fits(o.shape, o.strides, o.dtype.itemsize, lay.perm):
+                return _permute(o, lay.perm), out
+            return cuda.device_array(mshape, self.T), out
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray or a device array, "
+                            f"got {type(out).__name__}")
+        if out.shape != self.shape or out.dtype != self.T:
+            raise ValueError(f"out must have shape {self.shape} and dtype {self.T}, "
+                             f"got {out.shape} and {out.dtype}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        return cuda.device_array(mshape, self.T), out
+
+    def finish(self, y, out, lay):
+        """y (memory order, device) -> the array to return, in x's shape and layout."""
+        if out is not None:
+            if _is_dev(out):
+                o = _dev(out)
+                if not _fits(o.shape, o.strides, o.dtype.itemsize, lay.perm):
+                    o[...] = _permute(y, lay.inv)
+            else:
+                out[...] = y.copy_to_host().transpose(lay.inv)
+            return out
+        if self.host:
+            return y.copy_to_host().transpose(lay.inv)
+        return _permute(y, lay.inv)
+
+    def back(self, *arrays):
+        """Statistics/gradients: device arrays stay, host calls get host arrays."""
+        if not self.host:
+            return arrays
+        return tuple(None if a is None else a.copy_to_host() for a in arrays)
+
+
+def _vec(a, name, shape, dtype):
+    """weight/bias/mean/rstd on the device: None, or a float array of exactly ``shape``."""
+    if a is None:
+        return None
+    if _is_dev(a):
+        d = _dev(a)
+        if np.dtype(d.dtype).kind != "f":
+            raise TypeError(f"{name} must be a float array, got dtype {d.dtype}")
+        if tuple(d.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(d.shape)}")
+        if not _fits(d.shape, d.strides, d.dtype.itemsize, range(d.ndim)):
+            c = cuda.device_array(d.shape, d.dtype)
+            c[...] = d
+            d = c
+        return d
+    return cuda.to_device(_api._param(a, name, shape, dtype))
+
+
+def _running_pair(rm, rv, C, update):
+    """(rm, rv) on the device and a function that writes host originals back after updates."""
+    pair = []
+    for a, name in ((rm, "running_mean"), (rv, "running_var")):
+        if a is None or not _is_dev(a):
+            pair.append(_api._running(a, name, C, update))
+            continue
+        d = _dev(a)
+        if np.dtype(d.dtype).kind != "f":
+            raise TypeError(f"{name} must be a float array, got dtype {d.dtype}")
+        if tuple(d.shape) != (C,):
+            raise ValueError(f"{name} must have shape ({C},), got {tuple(d.shape)}")
+        pair.append(d)
+    if (pair[0] is None) != (pair[1] is None):
+        raise ValueError("running_mean and running_var must be given together")
+    return pair
+
+
+def _update_running(rm, rv, mean_g, m2_g, denom, momentum, num_batches_tracked):
+    """torch's rule on the device: new = (1 - momentum) * old + momentum * batch, in place.
+
+    Host running stats are copied over, updated and copied back into the caller's arrays.
+    """
+    if num_batches_tracked is not None:
+        num_batches_tracked += 1
+    if momentum is None:
+        momentum = 1.0 / float(num_batches_tracked)
+    dm, dv = [a if _is_dev(a) else cuda.to_device(np.ascontiguousarray(a)) for a in (rm, rv)]
+    dm, dv = _dev(dm), _dev(dv)
+    if not _fits(dm.shape, dm.strides, dm.dtype.itemsize, (0,)) or not _fits(
+            dv.shape, dv.strides, dv.dtype.itemsize, (0,)):
+        raise ValueError("running_mean and running_var device arrays must be contiguous")
+    _flat(_running_k, mean_g.shape[1])(mean_g, m2_g, float(denom), float(momentum), dm, dv)
+    for a, d in ((rm, dm), (rv, dv)):
+        if not _is_dev(a):
+            a[...] = d.copy_to_host()
+
+
+def _spread(v, cg, Pp, C):
+    out = cuda.device_array((Pp, C))
+    _flat(_spread_k, Pp * C)(v, cg, out)
+    return out
+
+
+def _via_host(fn, args, kw, running=()):
+    """float16 or empty input: the NumPy path on host copies, results moved back."""
+    device = any(_is_dev(a) for a in args)
+    hargs = [_dev(a).copy_to_host() if _is_dev(a) else a for a in args]
+    out = kw.get("out")
+    if out is not None and _is_dev(out):
+        kw = dict(kw, out=None)
+    res = getattr(_api, fn)(*hargs, **dict(kw, backend="numpy"))
+    if out is not None and _is_dev(out):
+        y = res[0] if isinstance(res, tuple) else res
+        _dev(out)[...] = cuda.to_device(np.ascontiguousarray(y))
+        res = (out,) + res[1:] if isinstance(res, tuple) else out
+    for i in running:
+        if _is_dev(args[i]):
+            _dev(args[i]).copy_to_device(hargs[i])
+    if not device:
+        return res
+    def to_dev(r):
+        return r if r is None or _is_dev(r) else cuda.to_device(np.ascontiguousarray(r))
+    return tuple(map(to_dev, res)) if isinstance(res, tuple) else to_dev(res)
+
+
+def _needs_host(input):
+    x = _dev(input) if _is_dev(input) else np.asarray(input)
+    return x.size == 0 or np.dtype(x.dtype) == np.float16
+
+
+def _flat_if(kind, a):
+    """(P', C) per-unit values as the kernel wants them: rows (P'*C,), channels (P', C)."""
+    return a.reshape(a.size) if kind == "rows" else a
+
+
+def _apply_forward(kind, xv, yv, mean_g, m2_g, count, eps, training, w, b, cg, Pp, C, Po, T):
+    """y = (x - mean) * (rstd * w) + b from unit statistics; returns mean, rstd (Po, G) in T."""
+    G = C // cg
+    mean_s, alpha_s, beta_s = (cuda.device_array((Pp, C)) for _ in range(3))
+    mean_out, rstd_out = cuda.device_array((Po, G), T), cuda.device_array((Po, G), T)
+    _flat(_finalize_k, Pp * C)(mean_g, m2_g, float(count), eps, training, w, b, cg,
+                               mean_s, alpha_s, beta_s, mean_out, rstd_out)
+    KERNELS[kind + "_scale_shift"][0](xv, *[_flat_if(kind, a) for a in (mean_s, alpha_s, beta_s)],
+                                      yv)
+    return mean_out, rstd_out
+
+
+def _unit_backward(kind, dyv, xv, dxv, mean, rstd, w, cg, Pp, C, n, training, has_bias, T):
+    """dx into dxv and (grad_weight, grad_bias) for unit statistics mean/rstd (Pg, G)."""
+    Pg, G = mean.shape
+    mean_s = _spread(mean, cg, Pp, C)
+    sdy, sdx = cuda.device_array((Pp, C)), cuda.device_array((Pp, C))
+    KERNELS[kind + "_dot"][0](dyv, xv, _flat_if(kind, mean_s), _flat_if(kind, sdy),
+                              _flat_if(kind, sdx))
+    sg, sgx = cuda.device_array((Pg, G)), cuda.device_array((Pg, G))
+    _flat(_group_sums_k, Pg * G)(sdy, sdx, w, cg, sg, sgx)
+    c1, c2, c3 = (cuda.device_array((Pp, C)) for _ in range(3))
+    _flat(_bwd_coefs_k, Pp * C)(w, rstd, sg, sgx, float(n), bool(training), cg, c1, c2, c3)
+    KERNELS[kind + "_bwd_apply"][0](dyv, xv, _flat_if(kind, mean_s),
+                                    *[_flat_if(kind, c) for c in (c1, c2, c3)], dxv)
+    gw = None if w is None else cuda.device_array(C, T)
+    gb = cuda.device_array(C, T) if has_bias else None
+    if gw is not None or gb is not None:
+        _flat(_wgrad_k, C)(sdy, sdx, rstd, cg, gw, gb)
+    return gw, gb
+
+
+def _moments(kind, xv, P, C):
+    """float64 (mean, m2) as (P, C): rows (P*C,) reshaped, channels as they come."""
+    mean, m2 = cuda.device_array((P, C)), cuda.device_array((P, C))
+    KERNELS[kind + "_moments"][0](xv, _flat_if(kind, mean), _flat_if(kind, m2))
+    return mean, m2
+
+
+def _merge_equal(mean, m2, count):
+    """(P1, K, P2) groups of equal count -> (P1, P2) (the device twin of geo.merge_equal)."""
+    P1, _, P2 = mean.shape
+    om, oq = cuda.device_array((P1, P2)), cuda.device_array((P1, P2))
+    _flat(_merge_equal_k, P1 * P2)(mean, m2, float(count), om, oq)
+    return om, oq
+
+
+# ------------------------------------------------------------------- public functions
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, out=None, return_stats=False,
+               num_batches_tracked=None, backend=None):
+    """Device twin of :func:`fastnorm.batch_norm` (same arguments and semantics)."""
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if _needs_host(input):
+        return _via_host("batch_norm", args, dict(
+            axis=axis, out=out, return_stats=return_stats,
+            num_batches_tracked=num_batches_tracked), running=(1, 2))
+    call = _Call(input, axis, False, 2)
+    ax, T = call.ax, call.T
+    C = call.shape[ax]
+    w = _vec(weight, "weight", (C,), np.float64)
+    b = _vec(bias, "bias", (C,), np.float64)
+    rm, rv = _running_pair(running_mean, running_var, C, training)
+    eps = _api._eps(eps)
+    count = math.prod(call.shape) // C
+    if training:
+        if count == 1:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {call.shape}")
+        if rm is not None:
+            _api._momentum(momentum, num_batches_tracked)
+    elif rm is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    xd, lay = call.layout()
+    kind, shape, A = geo.batch_geometry(lay, ax)
+    y, final = call.output(out, lay)
+    xv, yv = xd.reshape(shape), y.reshape(shape)
+    Pp = A if kind == "rows" else 1
+    if training:
+        mean_g, m2_g = _moments(kind, xv, Pp, C)
+        if kind == "rows":   # (A, C) rows of count/A elements: merge over A
+            mean_g, m2_g = _merge_equal(mean_g.reshape(1, A, C), m2_g.reshape(1, A, C),
+                                        count // A)
+        if rm is not None:
+            _update_running(rm, rv, mean_g, m2_g, count - 1, momentum, num_batches_tracked)
+        mean_o, rstd_o = _apply_forward(kind, xv, yv, mean_g, m2_g, count, eps, True, w, b,
+                                        1, Pp, C, 1, T)
+    else:
+        rmd, rvd = (_dev(a) if _is_dev(a) else cuda.to_device(np.ascontiguousarray(a))
+                    for a in (rm, rv))
+        mean_o, rstd_o = _apply_forward(kind, xv, yv, rmd.reshape(1, C), rvd.reshape(1, C), 1,
+                                        eps, False, w, b, 1, Pp, C, 1, T)
+    y = call.finish(y, final, lay)
+    if not return_stats:
+        return y
+    return (y,) + call.back(mean_o.reshape(C), rstd_o.reshape(C))
+
+
+def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True, *, axis=1,
+                        has_bias=True, backend=None):
+    """Device twin of :func:`fastnorm.batch_norm_backward`."""
+    if _needs_host(input):
+        return _via_host("batch_norm_backward", (grad_out, input, mean, rstd, weight, training),
+                         dict(axis=axis, has_bias=has_bias))
+    call = _Call(input, axis, False, 2)
+    ax, T = call.ax, call.T
+    C = call.shape[ax]
+    mean = _vec(mean, "mean", (C,), np.float64)
+    rstd = _vec(rstd, "rstd", (C,), np.float64)
+    w = _vec(weight, "weight", (C,), np.float64)
+    xd, lay = call.layout()
+    dyd = call.like(grad_out, lay, "grad_out")
+    kind, shape, A = geo.batch_geometry(lay, ax)
+    dx = cuda.device_array([call.shape[i] for i in lay.perm], T)
+    Pp = A if kind == "rows" else 1
+    count = math.prod(call.shape) // C
+    gw, gb = _unit_backward(kind, dyd.reshape(shape), xd.reshape(shape), dx.reshape(shape),
+                            mean.reshape(1, C), rstd.reshape(1, C), w, 1, Pp, C, count,
+                            training, has_bias, T)
+    return (call.finish(dx, None, lay),) + call.back(gw, gb)
+
+
+def _nc_view(call, lay):
+    kind, N, C, S = geo.instance_geometry(lay, call.ax)
+    shape = (N * C, S) if kind == "rows" else (N, S, C)
+    return kind, N, C, S, shape
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
+                  return_stats=False, num_batches_tracked=None, backend=None):
+    """Device twin of :func:`fastnorm.instance_norm`."""
+    args = (input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    if _needs_host(input):
+        return _via_host("instance_norm", args, dict(
+            axis=axis, out=out, return_stats=return_stats,
+            num_batches_tracked=num_batches_tracked), running=(1, 2))
+    call = _Call(input, axis, True, 2)
+    if call.ax == 0:
+        raise ValueError("axis must be the channel axis, not the batch axis 0")
+    C, T = call.shape[call.ax], call.T
+    w = _vec(weight, "weight", (C,), np.float64)
+    b = _vec(bias, "bias", (C,), np.float64)
+    update = use_input_stats and running_mean is not None
+    rm, rv = _running_pair(running_mean, running_var, C, update)
+    eps = _api._eps(eps)
+    if not use_input_stats and rm is None:
+        raise ValueError("running_mean and running_var are required when "
+                         "use_input_stats=False")
+    if update:
+        _api._momentum(momentum, num_batches_tracked)
+    xd, lay = call.layout()
+    kind, N, C, S, shape = _nc_view(call, lay)
+    if use_input_stats and S == 1:
+        raise ValueError("Expected more than 1 spatial element when training, "
+                         f"got input size {call.shape}")
+    y, final = call.output(out, lay)
+    xv, yv = xd.reshape(shape), y.reshape(shape)
+    if use_input_stats:
+        mean_g, m2_g = _moments(kind, xv, N, C)
+        if update:
+            _update_running(rm, rv, mean_g, m2_g, S - 1, momentum, num_batches_tracked)
+        mean_o, rstd_o = _apply_forward(kind, xv, yv, mean_g, m2_g, S, eps, True, w, b, 1,
+                                        N, C, N, T)
+    else:
+        rmd, rvd = (_dev(a) if _is_dev(a) else cuda.to_device(np.ascontiguousarray(a))
+                    for a in (rm, rv))
+        mean_o, rstd_o = _apply_forward(kind, xv, yv, rmd.reshape(1, C), rvd.reshape(1, C), 1,
+                                        eps, False, w, b, 1, N, C, N, T)
+    y = call.finish(y, final, lay)
+    return (y,) + call.back(mean_o, rstd_o) if return_stats else y
+
+
+def _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, groups, training):
+    """Shared backward of instance norm (groups=None) and group norm (groups=G)."""
+    call = _Call(input, axis, True, 2)
+    xd, lay = call.layout()
+    kind, N, C, S, shape = _nc_view(call, lay)
+    G = C if groups is None else groups
+    mean = _vec(mean, "mean", (N, G), np.float64)
+    rstd = _vec(rstd, "rstd", (N, G), np.float64)
+    w = _vec(weight, "weight", (C,), np.float64)
+    dyd = call.like(grad_out, lay, "grad_out")
+    dx = cuda.device_array([call.shape[i] for i in lay.perm], call.T)
+    cg = C // G
+    gw, gb = _unit_backward(kind, dyd.reshape(shape), xd.reshape(shape), dx.reshape(shape),
+                            mean, rstd, w, cg, N, C, cg * S, training, has_bias, call.T)
+    return (call.finish(dx, None, lay),) + call.back(gw, gb)
+
+
+def instance_norm_backward(grad_out, input, mean, rstd, weight=None, use_input_stats=True, *,
+                           axis=1, has_bias=True, backend=None):
+    """Device twin of :func:`fastnorm.instance_norm_backward`."""
+    if _needs_host(input):
+        return _via_host("instance_norm_backward",
+                         (grad_out, input, mean, rstd, weight, use_input_stats),
+                         dict(axis=axis, has_bias=has_bias))
+    return _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, None,
+                        use_input_stats)
+
+
+def _groups(num_groups, C, shape):
+    if not isinstance(num_groups, numbers.Integral) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+    if C % num_groups:
+        raise ValueError("Expected number of channels in input to be divisible by "
+                         f"num_groups, but got input of shape {shape} and "
+                         f"num_groups={num_groups}")
+    return int(num_groups)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
+               return_stats=False, backend=None):
+    """Device twin of :func:`fastnorm.group_norm`."""
+    if _needs_host(input):
+        return _via_host("group_norm", (input, num_groups, weight, bias, eps),
+                         dict(axis=axis, out=out, return_stats=return_stats))
+    call = _Call(input, axis, True, 2)
+    if call.ax == 0:
+        raise ValueError("axis must be the channel axis, not the batch axis 0")
+    C, T = call.shape[call.ax], call.T
+    G = _groups(num_groups, C, call.shape)
+    w = _vec(weight, "weight", (C,), np.float64)
+    b = _vec(bias, "bias", (C,), np.float64)
+    eps = _api._eps(eps)
+    xd, lay = call.layout()
+    kind, N, C, S, shape = _nc_view(call, lay)
+    y, final = call.output(out, lay)
+    cg = C // G
+    if kind == "rows":   # statistics on (N*G, C/G*S) rows: a reshape of (N*C, S)
+        mean_g, m2_g = _moments("rows", xd.reshape(N * G, cg * S), N, G)
+    else:                # per (n, c) columns, merged into groups of C/G columns
+        mean_c, m2_c = _moments("channels", xd.reshape(shape), N, C)
+        mean_g, m2_g = _merge_equal(mean_c.reshape(N * G, cg, 1), m2_c.reshape(N * G, cg, 1), S)
+        mean_g, m2_g = mean_g.reshape(N, G), m2_g.reshape(N, G)
+    mean_o, rstd_o = _apply_forward(kind, xd.reshape(shape), y.reshape(shape), mean_g, m2_g,
+                                    cg * S, eps, True, w, b, cg, N, C, N, T)
+    y = call.finish(y, final, lay)
+    return (y,) + call.back(mean_o, rstd_o) if return_stats else y
+
+
+def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups, axis=1,
+                        has_bias=True, backend=None):
+    """Device twin of :func:`fastnorm.group_norm_backward`."""
+    if _needs_host(input):
+        return _via_host("group_norm_backward", (grad_out, input, mean, rstd, weight),
+                         dict(num_groups=num_groups, axis=axis, has_bias=has_bias))
+    shape = tuple(_dev(input).shape if _is_dev(input) else np.shape(input))
+    C = shape[_api._axis(axis, len(shape))] if len(shape) >= 2 else 0
+    if not isinstance(num_groups, numbers.Integral) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"num_groups must be a positive divisor of the {C} channels, "
+                         f"got {num_groups!r}")
+    return _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, int(num_groups),
+                        True)
+
+
+# --------------------------------------------------------------------- layer / RMS norm
+
+class _Shape:
+    """Just enough of an array for ``api._rows_shape``: ndim and shape."""
+
+    def __init__(self, shape):
+        self.shape, self.ndim = tuple(shape), len(shape)
+
+
+def _rows_forward(input, normalized_shape, weight, bias, eps, rms, out, return_stats):
+    call = _Call(input, None, False, 1)
+    ns, lead, R, M = _api._rows_shape(_Shape(call.shape), normalized_shape)
+    T = call.T
+    w = _vec(weight, "weight", ns, T)
+    b = _vec(bias, "bias", ns, T)
+    eps = _api._eps(eps)
+    xd, lay = call.layout()
+    y, final = call.output(out, lay)
+    mean, rstd = cuda.device_array(R, T), cuda.device_array(R, T)
+    rows_fwd(xd.reshape(R, M), None if w is None else w.reshape(M),
+             None if b is None else b.reshape(M), eps, rms, y.reshape(R, M), mean, rstd)
+    y = call.finish(y, final, lay)
+    if not return_stats:
+        return y
+    if rms:
+        return (y,) + call.back(rstd.reshape(lead))
+    return (y,) + call.back(mean.reshape(lead), rstd.reshape(lead))
+
+
+def _rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, rms, has_bias):
+    call = _Call(input, None, False, 1)
+    T = call.T
+    if normalized_shape is None:
+        rank = len(rstd.shape) if _is_dev(rstd) else np.ndim(rstd)
+        normalized_shape = call.shape[rank:]
+    ns, lead, R, M = _api._rows_shape(_Shape(call.shape), normalized_shape)
+    if rms:
+        mean = cuda.to_device(np.zeros(R, T))
+    else:
+        mean = _vec(mean, "mean", lead, T).reshape(R)
+    rstd = _vec(rstd, "rstd", lead, T).reshape(R)
+    w = _vec(weight, "weight", ns, T)
+    xd, lay = call.layout()
+    dyd = call.like(grad_out, lay, "grad_out")
+    dx = cuda.device_array(xd.shape, T)
+    B = _api._row_blocks(R)
+    dw_part = None if w is None else cuda.device_array((B, M))
+    db_part = cuda.device_array((B, M)) if has_bias else None
+    rows_bwd(dyd.reshape(R, M), xd.reshape(R, M), mean, rstd,
+             None if w is None else w.reshape(M), rms, dx.reshape(R, M), dw_part, db_part)
+    grads = []
+    for part in (dw_part, db_part):
+        if part is None:
+            grads.append(None)
+        else:
+            g = cuda.device_array(M, T)
+            _flat(_colsum_k, M)(part, g)
+            grads.append(g.reshape(ns))
+    return (call.finish(dx, None, lay),) + call.back(*grads)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
+               return_stats=False, backend=None):
+    """Device twin of :func:`fastnorm.layer_norm`."""
+    if _needs_host(input):
+        return _via_host("layer_norm", (input, normalized_shape, weight, bias, eps),
+                         dict(out=out, return_stats=return_stats))
+    return _rows_forward(input, normalized_shape, weight, bias, eps, False, out, return_stats)
+
+
+def layer_norm_backward(grad_out, input, mean, rstd, weight=None, *, normalized_shape=None,
+                        has_bias=True, backend=None):
+    """Device twin of :func:`fastnorm.layer_norm_backward`."""
+    if _needs_host(input):
+        return _via_host("layer_norm_backward", (grad_out, input, mean, rstd, weight),
+                         dict(normalized_shape=normalized_shape, has_bias=has_bias))
+    return _rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, False,
+                          has_bias)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False,
+             backend=None):
+    """Device twin of :func:`fastnorm.rms_norm` (``eps=None``: the dtype's machine epsilon)."""
+    if _needs_host(input):
+        return _via_host("rms_norm", (input, normalized_shape, weight, eps),
+                         dict(out=out, return_stats=return_stats))
+    if eps is None:
+        dt = _dev(input).dtype if _is_dev(input) else _api._input(input).dtype
+        eps = float(np.finfo(dt).eps)
+    return _rows_forward(input, normalized_shape, weight, None, eps, True, out, return_stats)
+
+
+def rms_norm_backward(grad_out, input, rstd, weight=None, *, normalized_shape=None,
+                      backend=None):
+    """Device twin of :func:`fastnorm.rms_norm_backward`."""
+    if _needs_host(input):
+        return _via_host("rms_norm_backward", (grad_out, input, rstd, weight),
+                         dict(normalized_shape=normalized_shape))
+    gx, gw, _ = _rows_backward(grad_out, input, None, rstd, weight, normalized_shape, True,
+                               False)
+    return gx, gw
