@@ -135,6 +135,7 @@ def _chan(na, ma, sa, nb, mb, sb):
     applied to the larger part's mean: mean = m1 + delta * n2/n; m2 = s1 + s2 +
     delta**2 * n1*n2/n. An empty operand (count 0) leaves the other exactly unchanged.
     """
+    count = np.asarray(na + nb)             # keeps the counts' own (broadcast) shape
     na, ma, sa, nb, mb, sb = np.broadcast_arrays(na, ma, sa, nb, mb, sb)
     swap = (nb > na) | ((nb == na) & ((mb < ma) | ((mb == ma) & (sb < sa))))
     n1, n2 = np.where(swap, nb, na), np.where(swap, na, nb)
@@ -147,7 +148,7 @@ def _chan(na, ma, sa, nb, mb, sb):
         mean = m1 + delta * w
         m2 = (s1 + s2) + delta * delta * (n1 * w)
     empty = n2 == 0
-    return n, np.where(empty, m1, mean)[()], np.where(empty, s1, m2)[()]
+    return count, np.where(empty, m1, mean)[()], np.where(empty, s1, m2)[()]
 
 
 def _tree(parts):
@@ -172,7 +173,9 @@ def _axes(axis, ndim):
         raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}") from None
     out = []
     for a in axes:
-        if not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
+        if not isinstance(a, numbers.Integral):
+            raise TypeError(f"axis entries must be integers, got {axis!r}")
+        if not -ndim <= a < ndim:
             raise ValueError(f"axis entries must be integers in [{-ndim}, {ndim}), got {axis!r}")
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
