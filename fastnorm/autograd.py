@@ -339,6 +339,8 @@ def matmul(a, b):
     out = x @ y
 
     def backward(g):
+        if x.ndim == 1 and y.ndim == 1:                # dot product: g is 0-d
+            return g * y, g * x
         x2 = x[None, :] if x.ndim == 1 else x          # (..., n, k)
         y2 = y[:, None] if y.ndim == 1 else y          # (..., k, m)
         g2 = g
