@@ -281,8 +281,7 @@ class Module:
         if path.endswith(".npz"):
             np.savez(path, **sd)
         elif path.endswith(".safetensors"):
-            _safetensors().save_file({k: np.ascontiguousarray(v) for k, v in sd.items()},
-                                     path)
+            _safetensors().save_file(sd, path)      # state_dict() values are C-contiguous
         else:
             raise ValueError(f"path must end in .npz or .safetensors, got {path!r}")
 
@@ -644,7 +643,7 @@ class _InstanceNorm(_NormBase):
         unbatched = x.ndim == self._ndims[0]
         if unbatched:
             x = x.reshape((1,) + x.shape)
-        ax = self.axis % x.ndim if self.axis < 0 else self.axis + unbatched
+        ax = self.axis % x.ndim         # ``axis`` counts in the batched layout
         if x.shape[ax] != self.num_features:
             msg = (f"expected input's size at dim={ax - unbatched} to match num_features "
                    f"({self.num_features}), but got: {x.shape[ax]}.")
