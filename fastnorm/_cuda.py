@@ -211,10 +211,9 @@ def _rows_bwd_dx_k(dy, x, mean, rstd, weight, rms, dx):
 
 
 @cuda.jit
-def _rows_wgrad_part_k(dy, x, mean, rstd, dw_part, db_part):
-    # IN dy, x (R, M), mean/rstd (R,)   OUT dw_part/db_part (B, M)|None: rows of block b summed
+def _rows_wgrad_part_k(dy, x, mean, rstd, B, dw_part, db_part):
+    # IN dy, x (R, M), mean/rstd (R,), B   OUT dw_part/db_part (B, M)|None: row block b summed
     R, M = x.shape
-    B = dw_part.shape[0] if dw_part is not None else db_part.shape[0]
     for j in range(cuda.grid(1), B * M, cuda.gridsize(1)):
         b = j // M
         m = j - b * M
@@ -559,7 +558,7 @@ def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
     _per_row(_rows_bwd_dx_k, R, M)(dy, x, mean, rstd, weight, bool(rms), dx)
     if dw_part is not None or db_part is not None:
         B = (dw_part if dw_part is not None else db_part).shape[0]
-        _flat(_rows_wgrad_part_k, B * M)(dy, x, mean, rstd, dw_part, db_part)
+        _flat(_rows_wgrad_part_k, B * M)(dy, x, mean, rstd, B, dw_part, db_part)
 
 
 def rows_moments(x, mean, m2):
