@@ -1,4 +1,79 @@
-# Placeholder until the Cython backend lands: builds nothing.
-from setuptools import setup
+"""Builds the Cython backend ``fastnorm_cy``; the project metadata lives in pyproject.toml.
 
-setup()
+One ``cythonize()`` over ``fastnorm_cy/*.pyx`` with the directives set once here.
+``FASTNORM_CYTHON_DEBUG=1`` turns Cython's checks back on and builds with ``-O0 -g``.
+If the C build fails (no compiler, no OpenMP), the extension is built again without OpenMP
+(serial kernels); if that fails too, the install goes on without it and fastnorm runs on
+its Numba backend. ``FASTNORM_REQUIRE_CYTHON=1`` (CI) makes a failed build an error.
+"""
+import os
+
+import numpy as np
+from Cython import __version__ as cython_version
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+DEBUG = os.environ.get("FASTNORM_CYTHON_DEBUG", "") == "1"
+REQUIRE = os.environ.get("FASTNORM_REQUIRE_CYTHON", "") == "1"
+
+CHECKS = dict(boundscheck=DEBUG, wraparound=DEBUG, initializedcheck=DEBUG)
+DIRECTIVES = dict(language_level=3, cdivision=True, **CHECKS)
+
+# compiler type -> (compile args, link args); OpenMP flags are dropped on the retry
+FLAGS = {
+    "msvc": (["/O2", "/openmp"], []),
+    "unix": (["-O0", "-g", "-UNDEBUG", "-fopenmp"] if DEBUG else ["-O3", "-fopenmp"],
+             ["-fopenmp"]),
+}
+OPENMP = {"-fopenmp", "/openmp"}
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext with OpenMP flags per compiler; a failed build warns instead of failing."""
+
+    def build_extension(self, ext):
+        cflags, lflags = FLAGS.get(self.compiler.compiler_type, FLAGS["unix"])
+        base_c, base_l = list(ext.extra_compile_args), list(ext.extra_link_args)
+        attempts = [(cflags, lflags),
+                    ([f for f in cflags if f not in OPENMP], [f for f in lflags if f not in OPENMP])]
+        for i, (c, l) in enumerate(attempts):
+            ext.extra_compile_args, ext.extra_link_args = base_c + c, base_l + l
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # CompileError, LinkError, missing compiler ...
+                what = "with OpenMP" if i == 0 else "without OpenMP"
+                self.warn(f"building {ext.name} {what} failed: {e}")
+                continue
+            if i:
+                self.warn(f"{ext.name} was built WITHOUT OpenMP: its kernels run on one thread")
+            return
+        if REQUIRE:
+            raise RuntimeError(f"{ext.name} failed to build and FASTNORM_REQUIRE_CYTHON=1")
+        self.warn(f"{ext.name} could not be built: fastnorm will use its Numba backend "
+                  "(python -m fastnorm info shows what is available)")
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:  # e.g. no C compiler at all
+            if REQUIRE:
+                raise
+            self.warn(f"the Cython backend could not be built ({e}); "
+                      "fastnorm will use its Numba backend")
+
+
+extensions = Extension(
+    "fastnorm_cy.*",
+    ["fastnorm_cy/*.pyx"],
+    include_dirs=[np.get_include(), "fastnorm_cy"],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                   ("FN_CYTHON_VERSION", f'"{cython_version}"'),
+                   ("FN_DEBUG_CHECKS", str(int(DEBUG)))],
+    depends=["fastnorm_cy/_simd.h", "fastnorm_cy/_simd_body.h"],
+)
+
+setup(
+    ext_modules=cythonize([extensions], compiler_directives=DIRECTIVES, quiet=True),
+    cmdclass={"build_ext": OptionalBuildExt},
+)

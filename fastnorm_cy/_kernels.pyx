@@ -1,0 +1,762 @@
+"""Cython kernels: the same names, arguments and outputs as fastnorm._numba (twins in
+fastnorm.reference, whose module docstring is the contract).
+
+Three layers per kernel:
+
+- ``def name(...)`` / ``def name_parallel(...)``: the entries of KERNELS. They check every
+  array (type, dtype, ndim, shape, C-contiguity, alignment, byte order, writeable outputs)
+  with the NumPy C API and take raw pointers: acquiring a typed memoryview costs ~90 ns per
+  array (~170 ns fused) here, ~0.5-1.5 us for a kernel's 6-9 arrays, which a one-row call
+  cannot afford. Read-only inputs (shared weights) are accepted: only outputs must be
+  writeable. Compiled code never sees an unchecked shape.
+- ``_name_t``: one ``nogil`` body for float32 and float64 (``cython.floating``) that splits
+  the work into chunks and runs them serially or in an OpenMP ``prange``. The partition
+  depends only on the shape, and each output element is computed by one chunk in a fixed
+  order, so 1 and N threads give the same bits.
+- the C helpers in ``_simd.h`` (one call per chunk): the per-element loops, explicit SIMD,
+  multiversioned for AVX-512 / AVX2 / baseline.
+
+The serial entries never enter the OpenMP runtime, so they also run in a child forked after
+a parallel call (libgomp does not survive fork); the parallel entries fall back to them in
+such a child.
+"""
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+cimport numpy as cnp
+from cython cimport floating
+from cython.parallel cimport prange
+
+import os
+
+cnp.import_array()
+
+cdef extern from "_simd.h" nogil:
+    const char *fn_simd_clone()
+    const char *fn_compiler()
+    int fn_openmp()
+    const char *FN_CYTHON_VERSION
+    int FN_DEBUG_CHECKS
+
+    void fn_rows_fwd_f32(const float *x, Py_ssize_t M, const float *w, const float *b,
+                         double eps, int rms, float *y, float *mean, float *rstd,
+                         Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_fwd_f64(const double *x, Py_ssize_t M, const double *w, const double *b,
+                         double eps, int rms, double *y, double *mean, double *rstd,
+                         Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_bwd_f32(const float *dy, const float *x, const float *mean,
+                         const float *rstd, const float *w, int rms, Py_ssize_t M, float *dx,
+                         double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_bwd_f64(const double *dy, const double *x, const double *mean,
+                         const double *rstd, const double *w, int rms, Py_ssize_t M,
+                         double *dx, double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_moments_f32(const float *x, Py_ssize_t M, double *mean, double *m2,
+                             Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_moments_f64(const double *x, Py_ssize_t M, double *mean, double *m2,
+                             Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_scale_shift_f32(const float *x, Py_ssize_t M, const double *mean,
+                                 const double *alpha, const double *beta, float *y,
+                                 Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_scale_shift_f64(const double *x, Py_ssize_t M, const double *mean,
+                                 const double *alpha, const double *beta, double *y,
+                                 Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_dot_f32(const float *dy, const float *x, Py_ssize_t M, const double *mean,
+                         double *sum_dy, double *sum_dyxc, Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_dot_f64(const double *dy, const double *x, Py_ssize_t M, const double *mean,
+                         double *sum_dy, double *sum_dyxc, Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_bwd_apply_f32(const float *dy, const float *x, Py_ssize_t M,
+                               const double *mean, const double *c1, const double *c2,
+                               const double *c3, float *dx, Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t M,
+                               const double *mean, const double *c1, const double *c2,
+                               const double *c3, double *dx, Py_ssize_t lo, Py_ssize_t hi)
+
+    void fn_ch_moments_f32(const float *x, Py_ssize_t n, Py_ssize_t C, double *mu,
+                           double *s2)
+    void fn_ch_moments_f64(const double *x, Py_ssize_t n, Py_ssize_t C, double *mu,
+                           double *s2)
+    void fn_ch_scale_shift_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const double *m,
+                               const double *a, const double *b, float *y)
+    void fn_ch_scale_shift_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *m,
+                               const double *a, const double *b, double *y)
+    void fn_ch_dot_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
+                       const double *m, double *s, double *sx)
+    void fn_ch_dot_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
+                       const double *m, double *s, double *sx)
+    void fn_ch_bwd_apply_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
+                             const double *m, const double *c1, const double *c2,
+                             const double *c3, float *dx)
+    void fn_ch_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
+                             const double *m, const double *c1, const double *c2,
+                             const double *c3, double *dx)
+    void fn_ch_merge_moments(Py_ssize_t nb, Py_ssize_t h, Py_ssize_t Q, Py_ssize_t C,
+                             const double *bmean, const double *bm2, double *mean,
+                             double *m2)
+    void fn_ch_merge_sums(Py_ssize_t nb, Py_ssize_t C, const double *bs, const double *bsx,
+                          double *s, double *sx)
+
+
+# ------------------------------------------------------------------------ threads, fork
+
+cdef int _num_threads = os.cpu_count() or 1
+cdef bint _forked = False
+
+
+def _after_fork_in_child():
+    # libgomp's thread pool does not survive fork(): a child keeps to serial loops.
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def set_num_threads(n):
+    """Threads used by the ``*_parallel`` kernels (process-wide)."""
+    global _num_threads
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _num_threads = n
+
+
+def get_num_threads():
+    return _num_threads
+
+
+cdef inline int _par() noexcept:
+    return 1 if _forked else _num_threads
+
+
+def info():
+    """What this build is: the SIMD clone picked on this CPU, compiler, OpenMP, threads."""
+    return {"simd_clone": fn_simd_clone().decode(), "compiler": fn_compiler().decode(),
+            "cython": FN_CYTHON_VERSION.decode(), "openmp": fn_openmp(),
+            "debug_checks": bool(FN_DEBUG_CHECKS), "threads": _num_threads,
+            "forked_child": bool(_forked)}
+
+
+# ------------------------------------------------------------------------ argument checks
+
+cdef int _F32 = cnp.NPY_FLOAT32
+cdef int _F64 = cnp.NPY_FLOAT64
+
+
+cdef int _dtype(object a, str name, int ndim) except -1:
+    """The type number of ``a``, the array that sets a kernel's dtype: float32/64, ndim dims."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    if t != _F32 and t != _F64:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    if cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    return t
+
+
+cdef void *_data(object a, str name, int t, int ndim, bint write,
+                 Py_ssize_t n0, Py_ssize_t n1=0, Py_ssize_t n2=0) except? NULL:
+    """Pointer to ``a`` after checking: ndarray of type ``t``, shape (n0[, n1[, n2]]),
+    C-contiguous, aligned, native byte order, writeable if ``write``."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != t:
+        raise TypeError(f"{name} must have dtype {'float32' if t == _F32 else 'float64'}, "
+                        f"got {a.dtype}")
+    cdef cnp.npy_intp *d = cnp.PyArray_DIMS(arr)
+    if (cnp.PyArray_NDIM(arr) != ndim or d[0] != n0 or (ndim > 1 and d[1] != n1)
+            or (ndim > 2 and d[2] != n2)):
+        want = (n0, n1, n2)[:ndim]
+        raise ValueError(f"{name} must have shape {want}, got {a.shape}")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr)):
+        raise ValueError(f"{name} must be C-contiguous, aligned and in native byte order")
+    if write and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} is read-only")
+    return cnp.PyArray_DATA(arr)
+
+
+cdef inline void *_opt(object a, str name, int t, int ndim, bint write,
+                       Py_ssize_t n0, Py_ssize_t n1=0) except? NULL:
+    """NULL for None, else ``_data``."""
+    if a is None:
+        return NULL
+    return _data(a, name, t, ndim, write, n0, n1)
+
+
+cdef inline Py_ssize_t _dim(object a, int k) noexcept:
+    return cnp.PyArray_DIM(<cnp.ndarray>a, k)
+
+
+# ------------------------------------------------------------------------ partitions
+
+cdef inline Py_ssize_t _row_step(Py_ssize_t M) noexcept nogil:
+    """Rows per chunk of an elementwise rows kernel: ~16K elements, so a chunk pays one
+    call; any partition gives the same bits here (each row is computed whole)."""
+    return max(1, 16384 // max(M, 1))
+
+
+cdef inline Py_ssize_t _block_rows(Py_ssize_t Q, Py_ssize_t C) noexcept nogil:
+    """Rows per block of a channels kernel, as fastnorm._numba.channels.block_rows: about
+    64 KiB of float64 partial work; a function of the shape only (determinism)."""
+    return max(1, min(Q, 8192 // max(C, 1)))
+
+
+# ------------------------------------------------------------------------ rows_fwd
+
+cdef inline void _rows_fwd_c(const floating *x, const floating *w, const floating *b,
+                             double eps, int rms, floating *y, floating *mean,
+                             floating *rstd, Py_ssize_t M, Py_ssize_t lo,
+                             Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        fn_rows_fwd_f32(x, M, w, b, eps, rms, y, mean, rstd, lo, hi)
+    else:
+        fn_rows_fwd_f64(x, M, w, b, eps, rms, y, mean, rstd, lo, hi)
+
+
+cdef void _rows_fwd_t(const floating *x, const floating *w, const floating *b, double eps,
+                      int rms, floating *y, floating *mean, floating *rstd, Py_ssize_t R,
+                      Py_ssize_t M, int nt) noexcept nogil:
+    # IN x (R, M), w/b (M,) or NULL   OUT y (R, M), mean/rstd (R,)
+    cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
+    if nt > 1 and nch > 1:
+        for k in prange(nch, num_threads=nt, schedule="static"):
+            _rows_fwd_c(x, w, b, eps, rms, y, mean, rstd, M, k * step, min(R, k * step + step))
+    else:
+        _rows_fwd_c(x, w, b, eps, rms, y, mean, rstd, M, 0, R)
+
+
+cdef _rows_fwd(x, weight, bias, double eps, bint rms, y, mean, rstd, int nt):
+    cdef int t = _dtype(x, "x", 2)
+    cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
+    cdef void *px = _data(x, "x", t, 2, False, R, M)
+    cdef void *pw = _opt(weight, "weight", t, 1, False, M)
+    cdef void *pb = _opt(bias, "bias", t, 1, False, M)
+    cdef void *py = _data(y, "y", t, 2, True, R, M)
+    cdef void *pm = _data(mean, "mean", t, 1, True, R)
+    cdef void *pr = _data(rstd, "rstd", t, 1, True, R)
+    with nogil:
+        if t == _F32:
+            _rows_fwd_t(<const float *>px, <const float *>pw, <const float *>pb, eps, rms,
+                        <float *>py, <float *>pm, <float *>pr, R, M, nt)
+        else:
+            _rows_fwd_t(<const double *>px, <const double *>pw, <const double *>pb, eps, rms,
+                        <double *>py, <double *>pm, <double *>pr, R, M, nt)
+
+
+def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
+    """Serial rows_fwd (contract: fastnorm.reference.rows_fwd)."""
+    _rows_fwd(x, weight, bias, eps, rms, y, mean, rstd, 1)
+
+
+def rows_fwd_parallel(x, weight, bias, eps, rms, y, mean, rstd):
+    """Parallel rows_fwd (contract: fastnorm.reference.rows_fwd)."""
+    _rows_fwd(x, weight, bias, eps, rms, y, mean, rstd, _par())
+
+
+# ------------------------------------------------------------------------ rows_bwd
+
+cdef inline void _rows_bwd_block(const floating *dy, const floating *x, const floating *mean,
+                                 const floating *rstd, const floating *w, int rms,
+                                 floating *dx, double *dw, double *db, Py_ssize_t R,
+                                 Py_ssize_t M, Py_ssize_t B, Py_ssize_t blk) noexcept nogil:
+    # block blk: rows [blk*R//B, (blk+1)*R//B); its partial sums go to row blk of dw/db
+    cdef double *dwb = NULL
+    cdef double *dbb = NULL
+    if dw != NULL:
+        dwb = dw + blk * M
+        memset(dwb, 0, M * sizeof(double))
+    if db != NULL:
+        dbb = db + blk * M
+        memset(dbb, 0, M * sizeof(double))
+    if floating is float:
+        fn_rows_bwd_f32(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, blk * R // B,
+                        (blk + 1) * R // B)
+    else:
+        fn_rows_bwd_f64(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, blk * R // B,
+                        (blk + 1) * R // B)
+
+
+cdef void _rows_bwd_t(const floating *dy, const floating *x, const floating *mean,
+                      const floating *rstd, const floating *w, int rms, floating *dx,
+                      double *dw, double *db, Py_ssize_t R, Py_ssize_t M, Py_ssize_t B,
+                      int nt) noexcept nogil:
+    # IN dy, x (R, M), mean/rstd (R,), w (M,)|NULL   OUT dx (R, M), dw/db (B, M)|NULL
+    cdef Py_ssize_t k
+    if nt > 1 and B > 1:
+        for k in prange(B, num_threads=nt, schedule="static"):
+            _rows_bwd_block(dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k)
+    else:
+        for k in range(B):
+            _rows_bwd_block(dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k)
+
+
+cdef _rows_bwd(dy, x, mean, rstd, weight, bint rms, dx, dw_part, db_part, int nt):
+    cdef int t = _dtype(x, "x", 2)
+    cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1), B
+    if dw_part is not None:
+        B = _dim(dw_part, 0) if cnp.PyArray_Check(dw_part) and dw_part.ndim == 2 else 0
+    elif db_part is not None:
+        B = _dim(db_part, 0) if cnp.PyArray_Check(db_part) and db_part.ndim == 2 else 0
+    else:
+        B = min(R, 64)
+    cdef void *pdy = _data(dy, "dy", t, 2, False, R, M)
+    cdef void *px = _data(x, "x", t, 2, False, R, M)
+    cdef void *pm = _data(mean, "mean", t, 1, False, R)
+    cdef void *pr = _data(rstd, "rstd", t, 1, False, R)
+    cdef void *pw = _opt(weight, "weight", t, 1, False, M)
+    cdef void *pdx = _data(dx, "dx", t, 2, True, R, M)
+    cdef double *pdw = <double *>_opt(dw_part, "dw_part", _F64, 2, True, B, M)
+    cdef double *pdb = <double *>_opt(db_part, "db_part", _F64, 2, True, B, M)
+    with nogil:
+        if t == _F32:
+            _rows_bwd_t(<const float *>pdy, <const float *>px, <const float *>pm,
+                        <const float *>pr, <const float *>pw, rms, <float *>pdx, pdw, pdb,
+                        R, M, B, nt)
+        else:
+            _rows_bwd_t(<const double *>pdy, <const double *>px, <const double *>pm,
+                        <const double *>pr, <const double *>pw, rms, <double *>pdx, pdw, pdb,
+                        R, M, B, nt)
+
+
+def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
+    """Serial rows_bwd (contract: fastnorm.reference.rows_bwd)."""
+    _rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part, 1)
+
+
+def rows_bwd_parallel(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
+    """Parallel rows_bwd (contract: fastnorm.reference.rows_bwd)."""
+    _rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part, _par())
+
+
+# ------------------------------------------------------------------------ rows_moments
+
+cdef inline void _rows_moments_c(const floating *x, double *mean, double *m2, Py_ssize_t M,
+                                 Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        fn_rows_moments_f32(x, M, mean, m2, lo, hi)
+    else:
+        fn_rows_moments_f64(x, M, mean, m2, lo, hi)
+
+
+cdef void _rows_moments_t(const floating *x, double *mean, double *m2, Py_ssize_t R,
+                          Py_ssize_t M, int nt) noexcept nogil:
+    # IN x (R, M)   OUT mean, m2 (R,) float64
+    cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
+    if nt > 1 and nch > 1:
+        for k in prange(nch, num_threads=nt, schedule="static"):
+            _rows_moments_c(x, mean, m2, M, k * step, min(R, k * step + step))
+    else:
+        _rows_moments_c(x, mean, m2, M, 0, R)
+
+
+cdef _rows_moments(x, mean, m2, int nt):
+    cdef int t = _dtype(x, "x", 2)
+    cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
+    cdef void *px = _data(x, "x", t, 2, False, R, M)
+    cdef double *pm = <double *>_data(mean, "mean", _F64, 1, True, R)
+    cdef double *p2 = <double *>_data(m2, "m2", _F64, 1, True, R)
+    with nogil:
+        if t == _F32:
+            _rows_moments_t(<const float *>px, pm, p2, R, M, nt)
+        else:
+            _rows_moments_t(<const double *>px, pm, p2, R, M, nt)
+
+
+def rows_moments(x, mean, m2):
+    """Serial rows_moments (contract: fastnorm.reference.rows_moments)."""
+    _rows_moments(x, mean, m2, 1)
+
+
+def rows_moments_parallel(x, mean, m2):
+    """Parallel rows_moments (contract: fastnorm.reference.rows_moments)."""
+    _rows_moments(x, mean, m2, _par())
+
+
+# ------------------------------------------------------------------------ rows_scale_shift
+
+cdef inline void _rows_scale_shift_c(const floating *x, const double *mean,
+                                     const double *alpha, const double *beta, floating *y,
+                                     Py_ssize_t M, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        fn_rows_scale_shift_f32(x, M, mean, alpha, beta, y, lo, hi)
+    else:
+        fn_rows_scale_shift_f64(x, M, mean, alpha, beta, y, lo, hi)
+
+
+cdef void _rows_scale_shift_t(const floating *x, const double *mean, const double *alpha,
+                              const double *beta, floating *y, Py_ssize_t R, Py_ssize_t M,
+                              int nt) noexcept nogil:
+    # IN x (R, M), mean/alpha/beta (R,) float64   OUT y (R, M)
+    cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
+    if nt > 1 and nch > 1:
+        for k in prange(nch, num_threads=nt, schedule="static"):
+            _rows_scale_shift_c(x, mean, alpha, beta, y, M, k * step, min(R, k * step + step))
+    else:
+        _rows_scale_shift_c(x, mean, alpha, beta, y, M, 0, R)
+
+
+cdef _rows_scale_shift(x, mean, alpha, beta, y, int nt):
+    cdef int t = _dtype(x, "x", 2)
+    cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
+    cdef void *px = _data(x, "x", t, 2, False, R, M)
+    cdef const double *pm = <const double *>_data(mean, "mean", _F64, 1, False, R)
+    cdef const double *pa = <const double *>_data(alpha, "alpha", _F64, 1, False, R)
+    cdef const double *pb = <const double *>_data(beta, "beta", _F64, 1, False, R)
+    cdef void *py = _data(y, "y", t, 2, True, R, M)
+    with nogil:
+        if t == _F32:
+            _rows_scale_shift_t(<const float *>px, pm, pa, pb, <float *>py, R, M, nt)
+        else:
+            _rows_scale_shift_t(<const double *>px, pm, pa, pb, <double *>py, R, M, nt)
+
+
+def rows_scale_shift(x, mean, alpha, beta, y):
+    """Serial rows_scale_shift (contract: fastnorm.reference.rows_scale_shift)."""
+    _rows_scale_shift(x, mean, alpha, beta, y, 1)
+
+
+def rows_scale_shift_parallel(x, mean, alpha, beta, y):
+    """Parallel rows_scale_shift (contract: fastnorm.reference.rows_scale_shift)."""
+    _rows_scale_shift(x, mean, alpha, beta, y, _par())
+
+
+# ------------------------------------------------------------------------ rows_dot
+
+cdef inline void _rows_dot_c(const floating *dy, const floating *x, const double *mean,
+                             double *s, double *sx, Py_ssize_t M, Py_ssize_t lo,
+                             Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        fn_rows_dot_f32(dy, x, M, mean, s, sx, lo, hi)
+    else:
+        fn_rows_dot_f64(dy, x, M, mean, s, sx, lo, hi)
+
+
+cdef void _rows_dot_t(const floating *dy, const floating *x, const double *mean, double *s,
+                      double *sx, Py_ssize_t R, Py_ssize_t M, int nt) noexcept nogil:
+    # IN dy, x (R, M), mean (R,) float64   OUT sum_dy, sum_dyxc (R,) float64
+    cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
+    if nt > 1 and nch > 1:
+        for k in prange(nch, num_threads=nt, schedule="static"):
+            _rows_dot_c(dy, x, mean, s, sx, M, k * step, min(R, k * step + step))
+    else:
+        _rows_dot_c(dy, x, mean, s, sx, M, 0, R)
+
+
+cdef _rows_dot(dy, x, mean, sum_dy, sum_dyxc, int nt):
+    cdef int t = _dtype(x, "x", 2)
+    cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
+    cdef void *pdy = _data(dy, "dy", t, 2, False, R, M)
+    cdef void *px = _data(x, "x", t, 2, False, R, M)
+    cdef const double *pm = <const double *>_data(mean, "mean", _F64, 1, False, R)
+    cdef double *ps = <double *>_data(sum_dy, "sum_dy", _F64, 1, True, R)
+    cdef double *psx = <double *>_data(sum_dyxc, "sum_dyxc", _F64, 1, True, R)
+    with nogil:
+        if t == _F32:
+            _rows_dot_t(<const float *>pdy, <const float *>px, pm, ps, psx, R, M, nt)
+        else:
+            _rows_dot_t(<const double *>pdy, <const double *>px, pm, ps, psx, R, M, nt)
+
+
+def rows_dot(dy, x, mean, sum_dy, sum_dyxc):
+    """Serial rows_dot (contract: fastnorm.reference.rows_dot)."""
+    _rows_dot(dy, x, mean, sum_dy, sum_dyxc, 1)
+
+
+def rows_dot_parallel(dy, x, mean, sum_dy, sum_dyxc):
+    """Parallel rows_dot (contract: fastnorm.reference.rows_dot)."""
+    _rows_dot(dy, x, mean, sum_dy, sum_dyxc, _par())
+
+
+# ------------------------------------------------------------------------ rows_bwd_apply
+
+cdef inline void _rows_bwd_apply_c(const floating *dy, const floating *x, const double *mean,
+                                   const double *c1, const double *c2, const double *c3,
+                                   floating *dx, Py_ssize_t M, Py_ssize_t lo,
+                                   Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        fn_rows_bwd_apply_f32(dy, x, M, mean, c1, c2, c3, dx, lo, hi)
+    else:
+        fn_rows_bwd_apply_f64(dy, x, M, mean, c1, c2, c3, dx, lo, hi)
+
+
+cdef void _rows_bwd_apply_t(const floating *dy, const floating *x, const double *mean,
+                            const double *c1, const double *c2, const double *c3,
+                            floating *dx, Py_ssize_t R, Py_ssize_t M, int nt) noexcept nogil:
+    # IN dy, x (R, M), mean/c1/c2/c3 (R,) float64   OUT dx (R, M)
+    cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
+    if nt > 1 and nch > 1:
+        for k in prange(nch, num_threads=nt, schedule="static"):
+            _rows_bwd_apply_c(dy, x, mean, c1, c2, c3, dx, M, k * step,
+                              min(R, k * step + step))
+    else:
+        _rows_bwd_apply_c(dy, x, mean, c1, c2, c3, dx, M, 0, R)
+
+
+cdef _rows_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
+    cdef int t = _dtype(x, "x", 2)
+    cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
+    cdef void *pdy = _data(dy, "dy", t, 2, False, R, M)
+    cdef void *px = _data(x, "x", t, 2, False, R, M)
+    cdef const double *pm = <const double *>_data(mean, "mean", _F64, 1, False, R)
+    cdef const double *p1 = <const double *>_data(c1, "c1", _F64, 1, False, R)
+    cdef const double *p2 = <const double *>_data(c2, "c2", _F64, 1, False, R)
+    cdef const double *p3 = <const double *>_data(c3, "c3", _F64, 1, False, R)
+    cdef void *pdx = _data(dx, "dx", t, 2, True, R, M)
+    with nogil:
+        if t == _F32:
+            _rows_bwd_apply_t(<const float *>pdy, <const float *>px, pm, p1, p2, p3,
+                              <float *>pdx, R, M, nt)
+        else:
+            _rows_bwd_apply_t(<const double *>pdy, <const double *>px, pm, p1, p2, p3,
+                              <double *>pdx, R, M, nt)
+
+
+def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
+    """Serial rows_bwd_apply (contract: fastnorm.reference.rows_bwd_apply)."""
+    _rows_bwd_apply(dy, x, mean, c1, c2, c3, dx, 1)
+
+
+def rows_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
+    """Parallel rows_bwd_apply (contract: fastnorm.reference.rows_bwd_apply)."""
+    _rows_bwd_apply(dy, x, mean, c1, c2, c3, dx, _par())
+
+
+# ------------------------------------------------------------------------ channels_moments
+
+cdef inline void _ch_moments_block(const floating *x, double *bmean, double *bm2,
+                                   Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t nb,
+                                   Py_ssize_t task) noexcept nogil:
+    # task = p * nb + b: rows [b*h, min(Q, (b+1)*h)) of x[p] -> row `task` of bmean/bm2
+    cdef Py_ssize_t p = task // nb, b = task % nb
+    cdef Py_ssize_t n = min(Q, b * h + h) - b * h
+    if floating is float:
+        fn_ch_moments_f32(x + (p * Q + b * h) * C, n, C, bmean + task * C, bm2 + task * C)
+    else:
+        fn_ch_moments_f64(x + (p * Q + b * h) * C, n, C, bmean + task * C, bm2 + task * C)
+
+
+cdef void _ch_moments_t(const floating *x, double *mean, double *m2, double *buf, Py_ssize_t P,
+                        Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
+    # IN x (P, Q, C)   OUT mean, m2 (P, C) float64; buf: 2 * P * nb * C block partials
+    cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
+    cdef double *bmean = buf
+    cdef double *bm2 = buf + P * nb * C
+    if nt > 1 and P * nb > 1:
+        for k in prange(P * nb, num_threads=nt, schedule="static"):
+            _ch_moments_block(x, bmean, bm2, Q, C, h, nb, k)
+        for k in prange(P, num_threads=nt, schedule="static"):
+            fn_ch_merge_moments(nb, h, Q, C, bmean + k * nb * C, bm2 + k * nb * C,
+                                mean + k * C, m2 + k * C)
+    else:
+        for k in range(P * nb):
+            _ch_moments_block(x, bmean, bm2, Q, C, h, nb, k)
+        for k in range(P):
+            fn_ch_merge_moments(nb, h, Q, C, bmean + k * nb * C, bm2 + k * nb * C,
+                                mean + k * C, m2 + k * C)
+
+
+cdef double *_partials(Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C) except NULL:
+    """malloc'ed room for two (P, nb, C) float64 block-partial arrays."""
+    cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h
+    cdef double *buf = <double *>malloc(max(1, 2 * P * nb * C) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    return buf
+
+
+cdef _channels_moments(x, mean, m2, int nt):
+    cdef int t = _dtype(x, "x", 3)
+    cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
+    cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
+    cdef double *pm = <double *>_data(mean, "mean", _F64, 2, True, P, C)
+    cdef double *p2 = <double *>_data(m2, "m2", _F64, 2, True, P, C)
+    cdef double *buf = _partials(P, Q, C)
+    with nogil:
+        if t == _F32:
+            _ch_moments_t(<const float *>px, pm, p2, buf, P, Q, C, nt)
+        else:
+            _ch_moments_t(<const double *>px, pm, p2, buf, P, Q, C, nt)
+    free(buf)
+
+
+def channels_moments(x, mean, m2):
+    """Serial channels_moments (contract: fastnorm.reference.channels_moments)."""
+    _channels_moments(x, mean, m2, 1)
+
+
+def channels_moments_parallel(x, mean, m2):
+    """Parallel channels_moments (contract: fastnorm.reference.channels_moments)."""
+    _channels_moments(x, mean, m2, _par())
+
+
+# ------------------------------------------------------------------------ channels_scale_shift
+
+cdef inline void _ch_scale_shift_block(const floating *x, const double *mean,
+                                       const double *alpha, const double *beta, floating *y,
+                                       Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
+                                       Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
+    cdef Py_ssize_t p = task // nb, b = task % nb
+    cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
+    if floating is float:
+        fn_ch_scale_shift_f32(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
+                              y + off)
+    else:
+        fn_ch_scale_shift_f64(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
+                              y + off)
+
+
+cdef void _ch_scale_shift_t(const floating *x, const double *mean, const double *alpha,
+                            const double *beta, floating *y, Py_ssize_t P, Py_ssize_t Q,
+                            Py_ssize_t C, int nt) noexcept nogil:
+    # IN x (P, Q, C), mean/alpha/beta (P, C) float64   OUT y (P, Q, C)
+    cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
+    if nt > 1 and P * nb > 1:
+        for k in prange(P * nb, num_threads=nt, schedule="static"):
+            _ch_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k)
+    else:
+        for k in range(P * nb):
+            _ch_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k)
+
+
+cdef _channels_scale_shift(x, mean, alpha, beta, y, int nt):
+    cdef int t = _dtype(x, "x", 3)
+    cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
+    cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
+    cdef const double *pm = <const double *>_data(mean, "mean", _F64, 2, False, P, C)
+    cdef const double *pa = <const double *>_data(alpha, "alpha", _F64, 2, False, P, C)
+    cdef const double *pb = <const double *>_data(beta, "beta", _F64, 2, False, P, C)
+    cdef void *py = _data(y, "y", t, 3, True, P, Q, C)
+    with nogil:
+        if t == _F32:
+            _ch_scale_shift_t(<const float *>px, pm, pa, pb, <float *>py, P, Q, C, nt)
+        else:
+            _ch_scale_shift_t(<const double *>px, pm, pa, pb, <double *>py, P, Q, C, nt)
+
+
+def channels_scale_shift(x, mean, alpha, beta, y):
+    """Serial channels_scale_shift (contract: fastnorm.reference.channels_scale_shift)."""
+    _channels_scale_shift(x, mean, alpha, beta, y, 1)
+
+
+def channels_scale_shift_parallel(x, mean, alpha, beta, y):
+    """Parallel channels_scale_shift (contract: fastnorm.reference.channels_scale_shift)."""
+    _channels_scale_shift(x, mean, alpha, beta, y, _par())
+
+
+# ------------------------------------------------------------------------ channels_dot
+
+cdef inline void _ch_dot_block(const floating *dy, const floating *x, const double *mean,
+                               double *bs, double *bsx, Py_ssize_t Q, Py_ssize_t C,
+                               Py_ssize_t h, Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
+    cdef Py_ssize_t p = task // nb, b = task % nb
+    cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
+    if floating is float:
+        fn_ch_dot_f32(dy + off, x + off, n, C, mean + p * C, bs + task * C, bsx + task * C)
+    else:
+        fn_ch_dot_f64(dy + off, x + off, n, C, mean + p * C, bs + task * C, bsx + task * C)
+
+
+cdef void _ch_dot_t(const floating *dy, const floating *x, const double *mean, double *s,
+                    double *sx, double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
+                    int nt) noexcept nogil:
+    # IN dy, x (P, Q, C), mean (P, C) float64   OUT sum_dy, sum_dyxc (P, C) float64
+    cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
+    cdef double *bs = buf
+    cdef double *bsx = buf + P * nb * C
+    if nt > 1 and P * nb > 1:
+        for k in prange(P * nb, num_threads=nt, schedule="static"):
+            _ch_dot_block(dy, x, mean, bs, bsx, Q, C, h, nb, k)
+        for k in prange(P, num_threads=nt, schedule="static"):
+            fn_ch_merge_sums(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C, sx + k * C)
+    else:
+        for k in range(P * nb):
+            _ch_dot_block(dy, x, mean, bs, bsx, Q, C, h, nb, k)
+        for k in range(P):
+            fn_ch_merge_sums(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C, sx + k * C)
+
+
+cdef _channels_dot(dy, x, mean, sum_dy, sum_dyxc, int nt):
+    cdef int t = _dtype(x, "x", 3)
+    cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
+    cdef void *pdy = _data(dy, "dy", t, 3, False, P, Q, C)
+    cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
+    cdef const double *pm = <const double *>_data(mean, "mean", _F64, 2, False, P, C)
+    cdef double *ps = <double *>_data(sum_dy, "sum_dy", _F64, 2, True, P, C)
+    cdef double *psx = <double *>_data(sum_dyxc, "sum_dyxc", _F64, 2, True, P, C)
+    cdef double *buf = _partials(P, Q, C)
+    with nogil:
+        if t == _F32:
+            _ch_dot_t(<const float *>pdy, <const float *>px, pm, ps, psx, buf, P, Q, C, nt)
+        else:
+            _ch_dot_t(<const double *>pdy, <const double *>px, pm, ps, psx, buf, P, Q, C, nt)
+    free(buf)
+
+
+def channels_dot(dy, x, mean, sum_dy, sum_dyxc):
+    """Serial channels_dot (contract: fastnorm.reference.channels_dot)."""
+    _channels_dot(dy, x, mean, sum_dy, sum_dyxc, 1)
+
+
+def channels_dot_parallel(dy, x, mean, sum_dy, sum_dyxc):
+    """Parallel channels_dot (contract: fastnorm.reference.channels_dot)."""
+    _channels_dot(dy, x, mean, sum_dy, sum_dyxc, _par())
+
+
+# ------------------------------------------------------------------------ channels_bwd_apply
+
+cdef inline void _ch_bwd_apply_block(const floating *dy, const floating *x, const double *mean,
+                                     const double *c1, const double *c2, const double *c3,
+                                     floating *dx, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
+                                     Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
+    cdef Py_ssize_t p = task // nb, b = task % nb
+    cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
+    if floating is float:
+        fn_ch_bwd_apply_f32(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
+                            c3 + p * C, dx + off)
+    else:
+        fn_ch_bwd_apply_f64(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
+                            c3 + p * C, dx + off)
+
+
+cdef void _ch_bwd_apply_t(const floating *dy, const floating *x, const double *mean,
+                          const double *c1, const double *c2, const double *c3, floating *dx,
+                          Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
+    # IN dy, x (P, Q, C), mean/c1/c2/c3 (P, C) float64   OUT dx (P, Q, C)
+    cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
+    if nt > 1 and P * nb > 1:
+        for k in prange(P * nb, num_threads=nt, schedule="static"):
+            _ch_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k)
+    else:
+        for k in range(P * nb):
+            _ch_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k)
+
+
+cdef _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
+    cdef int t = _dtype(x, "x", 3)
+    cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
+    cdef void *pdy = _data(dy, "dy", t, 3, False, P, Q, C)
+    cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
+    cdef const double *pm = <const double *>_data(mean, "mean", _F64, 2, False, P, C)
+    cdef const double *p1 = <const double *>_data(c1, "c1", _F64, 2, False, P, C)
+    cdef const double *p2 = <const double *>_data(c2, "c2", _F64, 2, False, P, C)
+    cdef const double *p3 = <const double *>_data(c3, "c3", _F64, 2, False, P, C)
+    cdef void *pdx = _data(dx, "dx", t, 3, True, P, Q, C)
+    with nogil:
+        if t == _F32:
+            _ch_bwd_apply_t(<const float *>pdy, <const float *>px, pm, p1, p2, p3,
+                            <float *>pdx, P, Q, C, nt)
+        else:
+            _ch_bwd_apply_t(<const double *>pdy, <const double *>px, pm, p1, p2, p3,
+                            <double *>pdx, P, Q, C, nt)
+
+
+def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
+    """Serial channels_bwd_apply (contract: fastnorm.reference.channels_bwd_apply)."""
+    _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, 1)
+
+
+def channels_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
+    """Parallel channels_bwd_apply (contract: fastnorm.reference.channels_bwd_apply)."""
+    _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, _par())

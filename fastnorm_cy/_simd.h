@@ -1,0 +1,169 @@
+/* Inner loops of the Cython backend, written for SIMD.
+ *
+ * Each exported function handles a range of rows (rows kernels) or one block of rows
+ * (channels kernels), so a parallel loop in _kernels.pyx makes one call per chunk and the
+ * per-element loops are inlined into it. Every exported function is compiled three times
+ * (target_clones: x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, default) and the dynamic loader
+ * picks the clone for the CPU at load time (an ifunc): one build runs on any x86-64.
+ * Other architectures/compilers build the portable path (the same code, one version).
+ *
+ * GCC does not vectorize float reductions without reassociation (DESIGN.md §4), so each
+ * reduction is a `#pragma omp simd reduction(+:s)` loop: the lanes hold partial sums added
+ * at the end, an order that depends on the clone only (never on the thread count).
+ *
+ * Numerics mirror fastnorm/_numba: float64 accumulation, shifted two-pass block moments
+ * merged with Chan's formula left to right, `(x - mean) * alpha + beta` with the mean kept
+ * inside (the folded form cancels). No `restrict`: y may be x (in-place forward).
+ *
+ * The body is in _simd_body.h, included once for float (suffix _f32) and once for double.
+ */
+#ifndef FASTNORM_SIMD_H
+#define FASTNORM_SIMD_H
+
+#include <math.h>
+#include <stddef.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && \
+    (!defined(__clang__) || __clang_major__ >= 14) && !defined(FN_NO_CLONES) && \
+    (defined(__clang__) || __GNUC__ >= 12)
+#define FN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FN_HAVE_CLONES 1
+#else
+#define FN_CLONES
+#define FN_HAVE_CLONES 0
+#endif
+
+#ifndef FN_CYTHON_VERSION /* set by setup.py */
+#define FN_CYTHON_VERSION "unknown"
+#endif
+#ifndef FN_DEBUG_CHECKS /* FASTNORM_CYTHON_DEBUG=1 at build time */
+#define FN_DEBUG_CHECKS 0
+#endif
+
+#define FN_INLINE static inline __attribute__((always_inline))
+#define FN_BLOCK 4096 /* elements per block of a long row, as fastnorm/_numba/_jit.py */
+
+/* The clone the ifunc resolver picks on this CPU (same test, same order). */
+static const char *fn_simd_clone(void)
+{
+#if FN_HAVE_CLONES
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4"))
+        return "x86-64-v4 (AVX-512)";
+    if (__builtin_cpu_supports("x86-64-v3"))
+        return "x86-64-v3 (AVX2+FMA)";
+    return "default (x86-64 baseline)";
+#else
+    return "portable (no multiversioning on this platform)";
+#endif
+}
+
+static const char *fn_compiler(void)
+{
+#if defined(__VERSION__)
+    return __VERSION__;
+#else
+    return "unknown";
+#endif
+}
+
+static int fn_openmp(void)
+{
+#if defined(_OPENMP)
+    return _OPENMP;
+#else
+    return 0;
+#endif
+}
+
+/* Chan et al.: moments of the union of two disjoint sets, (n_a, mean_a, m2_a) += (n_b, ...).
+ * Same expressions, same order as fastnorm._numba._jit.chan_merge. */
+FN_INLINE void fn_chan_merge(double *n_a, double *mean_a, double *m2_a,
+                             double n_b, double mean_b, double m2_b)
+{
+    double n = *n_a + n_b;
+    double delta;
+    if (n_b == 0.0)
+        return;
+    if (*n_a == 0.0) {
+        *n_a = n_b;
+        *mean_a = mean_b;
+        *m2_a = m2_b;
+        return;
+    }
+    delta = mean_b - *mean_a;
+    *mean_a = *mean_a + delta * (n_b / n);
+    *m2_a = *m2_a + m2_b + delta * delta * (*n_a * (n_b / n));
+    *n_a = n;
+}
+
+/* channels_moments: merge nb block moments (bmean, bm2: (nb, C); block b holds rows
+ * [b*h, min(Q, (b+1)*h))) in block order, as repeated fn_chan_merge. OUT mean, m2 (C,) */
+FN_CLONES static void fn_ch_merge_moments(ptrdiff_t nb, ptrdiff_t h, ptrdiff_t Q, ptrdiff_t C,
+                                          const double *bmean, const double *bm2,
+                                          double *mean, double *m2)
+{
+    ptrdiff_t b, c;
+    double cnt, n_b, n, f, g;
+    if (nb == 0) { /* Q == 0: no data */
+        for (c = 0; c < C; c++) {
+            mean[c] = NAN;
+            m2[c] = NAN;
+        }
+        return;
+    }
+    for (c = 0; c < C; c++) { /* merging into an empty set copies */
+        mean[c] = bmean[c];
+        m2[c] = bm2[c];
+    }
+    cnt = (double)(Q < h ? Q : h);
+    for (b = 1; b < nb; b++) {
+        n_b = (double)((Q < (b + 1) * h ? Q : (b + 1) * h) - b * h);
+        n = cnt + n_b;
+        f = n_b / n;
+        g = cnt * (n_b / n);
+#pragma omp simd
+        for (c = 0; c < C; c++) {
+            double delta = bmean[b * C + c] - mean[c];
+            mean[c] = mean[c] + delta * f;
+            m2[c] = m2[c] + bm2[b * C + c] + delta * delta * g;
+        }
+        cnt = n;
+    }
+}
+
+/* channels_dot: add nb block sums (bs, bsx: (nb, C)) in block order. OUT s, sx (C,) */
+FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *bs,
+                                       const double *bsx, double *s, double *sx)
+{
+    ptrdiff_t b, c;
+    for (c = 0; c < C; c++) {
+        s[c] = 0.0;
+        sx[c] = 0.0;
+    }
+    for (b = 0; b < nb; b++) {
+#pragma omp simd
+        for (c = 0; c < C; c++) {
+            s[c] += bs[b * C + c];
+            sx[c] += bsx[b * C + c];
+        }
+    }
+}
+
+#define FN_CAT2(a, b) a##b
+#define FN_CAT(a, b) FN_CAT2(a, b)
+#define FN_NAME(name) FN_CAT(name, FN_SUF)
+
+#define FN_T float
+#define FN_SUF _f32
+#include "_simd_body.h"
+#undef FN_T
+#undef FN_SUF
+
+#define FN_T double
+#define FN_SUF _f64
+#include "_simd_body.h"
+#undef FN_T
+#undef FN_SUF
+
+#endif /* FASTNORM_SIMD_H */

@@ -1,0 +1,296 @@
+/* Kernel bodies for one data type FN_T (float or double); included twice by _simd.h.
+ * Shapes were checked by the caller (_kernels.pyx); every array is C-contiguous.
+ * Names end in FN_SUF (_f32 / _f64). Twins: fastnorm/reference.py, fastnorm/_numba/. */
+
+/* ------------------------------------------------------------------ per-row helpers */
+
+/* Mean and M2 of a short contiguous block: shifted two-pass, float64 accumulation. */
+FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu, double *m2)
+{
+    double s = 0.0, q = 0.0, m;
+    ptrdiff_t i;
+#pragma omp simd reduction(+:s)
+    for (i = 0; i < n; i++)
+        s += (double)x[i];
+    m = s / (double)n;
+#pragma omp simd reduction(+:q)
+    for (i = 0; i < n; i++) {
+        double d = (double)x[i] - m;
+        q += d * d;
+    }
+    *mu = m;
+    *m2 = q;
+}
+
+/* Mean and M2 of a contiguous row: blocks of FN_BLOCK merged left to right (Chan). */
+FN_INLINE void FN_NAME(fn_row_moments)(const FN_T *x, ptrdiff_t n, double *mu, double *m2)
+{
+    double cnt = 0.0, mean = 0.0, s2 = 0.0, mb, m2b;
+    ptrdiff_t lo, nb;
+    if (n <= FN_BLOCK) {
+        FN_NAME(fn_block_moments)(x, n, mu, m2);
+        return;
+    }
+    for (lo = 0; lo < n; lo += FN_BLOCK) {
+        nb = n - lo < FN_BLOCK ? n - lo : FN_BLOCK;
+        FN_NAME(fn_block_moments)(x + lo, nb, &mb, &m2b);
+        fn_chan_merge(&cnt, &mean, &s2, (double)nb, mb, m2b);
+    }
+    *mu = mean;
+    *m2 = s2;
+}
+
+/* ------------------------------------------------------------------ rows kernels */
+
+/* rows_fwd on rows [lo, hi).
+ * IN x (R, M), w/b (M,) or NULL, eps, rms   OUT y (R, M), mean/rstd (R,) */
+FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_T *w,
+                                           const FN_T *b, double eps, int rms, FN_T *y,
+                                           FN_T *mean, FN_T *rstd, ptrdiff_t lo, ptrdiff_t hi)
+{
+    ptrdiff_t r, i;
+    for (r = lo; r < hi; r++) {
+        const FN_T *xr = x + r * M;
+        FN_T *yr = y + r * M;
+        double mu, var, rs;
+        if (rms) {
+            double ss = 0.0;
+#pragma omp simd reduction(+:ss)
+            for (i = 0; i < M; i++)
+                ss += (double)xr[i] * (double)xr[i];
+            mu = 0.0;
+            var = ss / (double)M;
+        } else {
+            double m2;
+            FN_NAME(fn_row_moments)(xr, M, &mu, &m2);
+            var = m2 / (double)M;
+            if (var < 0.0) /* clamp, but let NaN through */
+                var = 0.0;
+        }
+        rs = 1.0 / sqrt(var + eps);
+        /* Scalar math: y = (x - mean) * (rstd * w) + b, mean kept inside (no cancellation) */
+        if (w == NULL && b == NULL) {
+#pragma omp simd
+            for (i = 0; i < M; i++)
+                yr[i] = (FN_T)(((double)xr[i] - mu) * rs);
+        } else if (w == NULL) {
+#pragma omp simd
+            for (i = 0; i < M; i++)
+                yr[i] = (FN_T)(((double)xr[i] - mu) * rs + (double)b[i]);
+        } else if (b == NULL) {
+#pragma omp simd
+            for (i = 0; i < M; i++)
+                yr[i] = (FN_T)(((double)xr[i] - mu) * (rs * (double)w[i]));
+        } else {
+#pragma omp simd
+            for (i = 0; i < M; i++)
+                yr[i] = (FN_T)(((double)xr[i] - mu) * (rs * (double)w[i]) + (double)b[i]);
+        }
+        mean[r] = (FN_T)mu;
+        rstd[r] = (FN_T)rs;
+    }
+}
+
+/* rows_bwd on rows [lo, hi) of one block; adds the block's weight/bias sums into dwb/dbb.
+ * IN dy, x (R, M), mean/rstd (R,), w (M,) or NULL, rms
+ * OUT dx (R, M); dwb/dbb (M,) float64 or NULL, zeroed by the caller */
+FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const FN_T *mean,
+                                           const FN_T *rstd, const FN_T *w, int rms,
+                                           ptrdiff_t M, FN_T *dx, double *dwb, double *dbb,
+                                           ptrdiff_t lo, ptrdiff_t hi)
+{
+    ptrdiff_t r, i;
+    for (r = lo; r < hi; r++) {
+        const FN_T *xr = x + r * M, *dyr = dy + r * M;
+        FN_T *dxr = dx + r * M;
+        double mu = (double)mean[r], rs = (double)rstd[r];
+        double sg = 0.0, sgx = 0.0, mg, mgx;
+        /* sums over the row of g = dy * w and g * xhat */
+        if (w == NULL) {
+#pragma omp simd reduction(+:sg, sgx)
+            for (i = 0; i < M; i++) {
+                double g = (double)dyr[i];
+                sg += g;
+                sgx += g * (((double)xr[i] - mu) * rs);
+            }
+        } else {
+#pragma omp simd reduction(+:sg, sgx)
+            for (i = 0; i < M; i++) {
+                double g = (double)dyr[i] * (double)w[i];
+                sg += g;
+                sgx += g * (((double)xr[i] - mu) * rs);
+            }
+        }
+        if (dwb != NULL) {
+#pragma omp simd
+            for (i = 0; i < M; i++)
+                dwb[i] += (double)dyr[i] * (((double)xr[i] - mu) * rs);
+        }
+        if (dbb != NULL) {
+#pragma omp simd
+            for (i = 0; i < M; i++)
+                dbb[i] += (double)dyr[i];
+        }
+        mg = rms ? 0.0 : sg / (double)M;
+        mgx = sgx / (double)M;
+        /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (term 1, 2, 3) */
+        if (w == NULL) {
+#pragma omp simd
+            for (i = 0; i < M; i++)
+                dxr[i] = (FN_T)(rs * (((double)dyr[i] - mg) - ((double)xr[i] - mu) * rs * mgx));
+        } else {
+#pragma omp simd
+            for (i = 0; i < M; i++)
+                dxr[i] = (FN_T)(rs * (((double)dyr[i] * (double)w[i] - mg)
+                                      - ((double)xr[i] - mu) * rs * mgx));
+        }
+    }
+}
+
+/* rows_moments on rows [lo, hi).   IN x (R, M)   OUT mean, m2 (R,) float64 */
+FN_CLONES static void FN_NAME(fn_rows_moments)(const FN_T *x, ptrdiff_t M, double *mean,
+                                               double *m2, ptrdiff_t lo, ptrdiff_t hi)
+{
+    ptrdiff_t r;
+    for (r = lo; r < hi; r++)
+        FN_NAME(fn_row_moments)(x + r * M, M, mean + r, m2 + r);
+}
+
+/* rows_scale_shift on rows [lo, hi).
+ * IN x (R, M), mean/alpha/beta (R,) float64   OUT y = (x - mean) * alpha + beta */
+FN_CLONES static void FN_NAME(fn_rows_scale_shift)(const FN_T *x, ptrdiff_t M,
+                                                   const double *mean, const double *alpha,
+                                                   const double *beta, FN_T *y,
+                                                   ptrdiff_t lo, ptrdiff_t hi)
+{
+    ptrdiff_t r, i;
+    for (r = lo; r < hi; r++) {
+        const FN_T *xr = x + r * M;
+        FN_T *yr = y + r * M;
+        double m = mean[r], a = alpha[r], b = beta[r];
+#pragma omp simd
+        for (i = 0; i < M; i++)
+            yr[i] = (FN_T)(((double)xr[i] - m) * a + b);
+    }
+}
+
+/* rows_dot on rows [lo, hi).
+ * IN dy, x (R, M), mean (R,) float64   OUT sum_dy, sum_dyxc (R,) float64 */
+FN_CLONES static void FN_NAME(fn_rows_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
+                                           const double *mean, double *sum_dy,
+                                           double *sum_dyxc, ptrdiff_t lo, ptrdiff_t hi)
+{
+    ptrdiff_t r, i;
+    for (r = lo; r < hi; r++) {
+        const FN_T *xr = x + r * M, *dyr = dy + r * M;
+        double m = mean[r], s = 0.0, sx = 0.0;
+#pragma omp simd reduction(+:s, sx)
+        for (i = 0; i < M; i++) {
+            double d = (double)dyr[i];
+            s += d;
+            sx += d * ((double)xr[i] - m);
+        }
+        sum_dy[r] = s;
+        sum_dyxc[r] = sx;
+    }
+}
+
+/* rows_bwd_apply on rows [lo, hi).
+ * IN dy, x (R, M), mean/c1/c2/c3 (R,) float64   OUT dx = c1*dy + c2*(x - mean) + c3 */
+FN_CLONES static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
+                                                 const double *mean, const double *c1,
+                                                 const double *c2, const double *c3,
+                                                 FN_T *dx, ptrdiff_t lo, ptrdiff_t hi)
+{
+    ptrdiff_t r, i;
+    for (r = lo; r < hi; r++) {
+        const FN_T *xr = x + r * M, *dyr = dy + r * M;
+        FN_T *dxr = dx + r * M;
+        double m = mean[r], a = c1[r], b = c2[r], c = c3[r];
+#pragma omp simd
+        for (i = 0; i < M; i++)
+            dxr[i] = (FN_T)(a * (double)dyr[i] + b * ((double)xr[i] - m) + c);
+    }
+}
+
+/* ------------------------------------------------------------------ channels kernels
+ * One call = one block of n rows of width C (rows q of x[p], contiguous). The inner loop
+ * runs along c, so it vectorizes without reassociating anything. */
+
+/* IN x block (n, C)   OUT mu, s2 (C,) float64: the block's mean and M2 per column */
+FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+                                             double *mu, double *s2)
+{
+    ptrdiff_t q, c;
+    for (c = 0; c < C; c++) {
+        mu[c] = 0.0;
+        s2[c] = 0.0;
+    }
+    for (q = 0; q < n; q++) {
+        const FN_T *row = x + q * C;
+#pragma omp simd
+        for (c = 0; c < C; c++)
+            mu[c] += (double)row[c];
+    }
+#pragma omp simd
+    for (c = 0; c < C; c++)
+        mu[c] /= (double)n;
+    for (q = 0; q < n; q++) {
+        const FN_T *row = x + q * C;
+#pragma omp simd
+        for (c = 0; c < C; c++) {
+            double d = (double)row[c] - mu[c];
+            s2[c] += d * d;
+        }
+    }
+}
+
+/* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b */
+FN_CLONES static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+                                                 const double *m, const double *a,
+                                                 const double *b, FN_T *y)
+{
+    ptrdiff_t q, c;
+    for (q = 0; q < n; q++) {
+        const FN_T *xr = x + q * C;
+        FN_T *yr = y + q * C;
+#pragma omp simd
+        for (c = 0; c < C; c++)
+            yr[c] = (FN_T)(((double)xr[c] - m[c]) * a[c] + b[c]);
+    }
+}
+
+/* IN dy, x blocks (n, C), m (C,) float64   OUT s, sx (C,) float64: sums of dy, dy*(x - m) */
+FN_CLONES static void FN_NAME(fn_ch_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t n,
+                                         ptrdiff_t C, const double *m, double *s, double *sx)
+{
+    ptrdiff_t q, c;
+    for (c = 0; c < C; c++) {
+        s[c] = 0.0;
+        sx[c] = 0.0;
+    }
+    for (q = 0; q < n; q++) {
+        const FN_T *xr = x + q * C, *dyr = dy + q * C;
+#pragma omp simd
+        for (c = 0; c < C; c++) {
+            double d = (double)dyr[c];
+            s[c] += d;
+            sx[c] += d * ((double)xr[c] - m[c]);
+        }
+    }
+}
+
+/* IN dy, x blocks (n, C), m/c1/c2/c3 (C,) float64   OUT dx = c1*dy + c2*(x - m) + c3 */
+FN_CLONES static void FN_NAME(fn_ch_bwd_apply)(const FN_T *dy, const FN_T *x, ptrdiff_t n,
+                                               ptrdiff_t C, const double *m, const double *c1,
+                                               const double *c2, const double *c3, FN_T *dx)
+{
+    ptrdiff_t q, c;
+    for (q = 0; q < n; q++) {
+        const FN_T *xr = x + q * C, *dyr = dy + q * C;
+        FN_T *dxr = dx + q * C;
+#pragma omp simd
+        for (c = 0; c < C; c++)
+            dxr[c] = (FN_T)(c1[c] * (double)dyr[c] + c2[c] * ((double)xr[c] - m[c]) + c3[c]);
+    }
+}
