@@ -56,6 +56,78 @@ def test_kernels_and_api_under_the_simulator(tmp_path):
     assert ran >= 20, f"only {ran} simulator tests ran:\n{tail}"
 
 
+@needs_numba_cuda
+def test_gpu_kernels_compile_to_ptx():
+    """The warp-shuffle (real GPU) path of every kernel compiles to PTX for sm_90.
+
+    No GPU is needed, only the CUDA compiler libraries (NVVM, NVRTC; e.g. from
+    ``pip install 'numba-cuda[cu12]'``): without them this skips.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, __file__, "--ptx"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip()[-300:])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "shfl.sync: 0" not in proc.stdout, proc.stdout
+
+
+def _ptx_main():
+    """Compile every kernel of fastnorm._cuda to PTX (sm_90) for float32 and float64, with
+    and without the optional arrays. Exit 77 when the CUDA compiler libraries are missing."""
+    import types as pytypes
+
+    sys.path.insert(0, str(ROOT))
+    import numba.cuda.dispatcher as disp
+    from numba import cuda, types as t
+
+    from fastnorm import _cuda as K
+    assert K.USE_SHUFFLE and not K.SIMULATOR
+    # device functions ask the current device for its compute capability: an H100's
+    disp.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+    try:
+        cuda.compile_ptx(lambda a: None, (t.float64[:],), cc=(9, 0))
+    except Exception as e:  # noqa: BLE001 - any failure here is a missing toolchain
+        print(f"CUDA compiler libraries not available: {type(e).__name__}: {e}")
+        return 77
+    f64, b1, i8, N = t.float64, t.boolean, t.int64, t.none
+
+    def arr(dt, nd):
+        return t.Array(dt, nd, "C")
+    sigs = []
+    d1, d2, d3 = arr(f64, 1), arr(f64, 2), arr(f64, 3)
+    for T in (t.float32, t.float64):
+        t1, x2, x3 = arr(T, 1), arr(T, 2), arr(T, 3)
+        for w in (t1, N):
+            for b in (t1, N):
+                sigs.append(("_rows_fwd_k", (x2, w, b, f64, b1, x2, t1, t1)))
+            sigs.append(("_rows_bwd_dx_k", (x2, x2, t1, t1, w, b1, x2)))
+            sigs.append(("_finalize_k", (d2, d2, f64, f64, b1, w, w, i8, d2, d2, d2, x2, x2)))
+            sigs.append(("_bwd_coefs_k", (w, x2, d2, d2, f64, b1, i8, d2, d2, d2)))
+        for dw, db in ((d2, d2), (N, d2), (d2, N)):
+            sigs.append(("_rows_wgrad_part_k", (x2, x2, t1, t1, i8, dw, db)))
+        sigs += [("_rows_moments_k", (x2, d1, d1)), ("_rows_dot_k", (x2, x2, d1, d1, d1)),
+                 ("_rows_scale_shift_k", (x2, d1, d1, d1, x2)),
+                 ("_rows_bwd_apply_k", (x2, x2, d1, d1, d1, d1, x2)),
+                 ("_ch_moments_part_k", (x3, d3, d3)), ("_ch_dot_part_k", (x3, x3, d2, d3, d3)),
+                 ("_ch_scale_shift_k", (x3, d2, d2, d2, x3)),
+                 ("_ch_bwd_apply_k", (x3, x3, d2, d2, d2, d2, x3)),
+                 ("_finalize_k", (x2, x2, f64, f64, b1, d1, N, i8, d2, d2, d2, x2, x2)),
+                 ("_running_k", (d2, d2, f64, f64, t1, t1)),
+                 ("_wgrad_k", (d2, d2, x2, i8, t1, t1)), ("_wgrad_k", (d2, d2, x2, i8, N, t1)),
+                 ("_colsum_k", (d2, t1)), ("_spread_k", (x2, i8, d2))]
+    sigs += [("_ch_moments_merge_k", (d3, d3, i8, d2, d2)), ("_sum_mid_k", (d3, d3, d2, d2)),
+             ("_merge_equal_k", (d3, d3, f64, d2, d2)),
+             ("_group_sums_k", (d2, d2, d1, i8, d2, d2)),
+             ("_group_sums_k", (d2, d2, N, i8, d2, d2))]
+    shfl = 0
+    for name, sig in sigs:
+        ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=(9, 0))
+        shfl += ptx.count("shfl.sync")
+    print(f"{len(sigs)} kernel signatures compiled to PTX (sm_90), shfl.sync: {shfl}")
+    return 0
+
+
 def test_import_fastnorm_does_not_import_cuda():
     proc = _python("""
         import sys, numpy as np, fastnorm as fn
@@ -92,3 +164,7 @@ def test_missing_numba_cuda_is_a_clear_import_error():
         print("ok")
     """)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--ptx"]:
+    sys.exit(_ptx_main())
