@@ -24,8 +24,10 @@ def test_two_ranks_equal_single_process_batch_norm():
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found (pip install mpich)")
+    # the child imports the same fastnorm as this process (installed, or the source tree)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(fastnorm.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        [where] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, SCRIPT], capture_output=True,
                           text=True, timeout=120, env=env, cwd=ROOT)
     out = proc.stdout + proc.stderr
