@@ -401,8 +401,9 @@ def set_threads(n):
     """fastnorm's thread count (and torch's when it is imported)."""
     import fastnorm
     fastnorm.set_num_threads(n)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
 
 
 def implementations(p, mode, threads, backends, default, peers, reuse=True):
@@ -605,9 +606,11 @@ def plot(report, path):
             ax.grid(axis="x", alpha=0.3)
             if i == len(dtypes) - 1:
                 ax.set_xlabel("GB/s (byte formula of DESIGN.md §4; higher is better)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, names_ = axes[0][0].get_legend_handles_labels()
     fig.suptitle(f"python -m fastnorm bench — {report['meta']['cpu']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(handles, names_, loc="upper center", ncol=len(names), fontsize=8,
+               bbox_to_anchor=(0.5, 0.965), frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -664,8 +667,27 @@ def _csv(kind, allowed=None, conv=str):
     return parse
 
 
+def _command(args):
+    """The command line as typed, or (when called from Python) an equivalent one."""
+    main = sys.argv[0] if sys.argv else ""
+    if os.path.basename(os.path.dirname(os.path.abspath(main))) == "fastnorm":
+        return "python -m fastnorm " + " ".join(map(shlex.quote, sys.argv[1:]))
+    words = ["python -m fastnorm bench"]
+    for a in args._parser._actions:
+        value = getattr(args, a.dest, None)
+        if not a.option_strings or value == a.default or a.dest == "help":
+            continue
+        if isinstance(value, bool):
+            words.append(a.option_strings[0])
+        else:
+            for v in value if isinstance(value, list) else [value]:
+                words += [a.option_strings[0], shlex.quote(str(v))]
+    return " ".join(words)
+
+
 def add_arguments(parser):
     parser.description = __doc__.split("\n\n")[0]
+    parser.set_defaults(_parser=parser)
     cores = os.cpu_count() or 1
     parser.add_argument("--quick", action="store_true",
                         help="smaller shapes and fewer rounds (under a minute)")
@@ -778,8 +800,7 @@ def run(args):
     if not opts["cases"]:
         raise SystemExit("python -m fastnorm bench: error: no case left to run")
     opts["reuse"] = not args.no_out
-    opts["command"] = "python -m fastnorm " + " ".join(map(shlex.quote, sys.argv[1:])) \
-        if sys.argv and sys.argv[0].endswith("__main__.py") else "python -m fastnorm bench"
+    opts["command"] = _command(args)
     report = benchmark(opts, progress=not args.no_progress)
     text = render_markdown(report)
     print(text)
