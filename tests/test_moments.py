@@ -242,3 +242,22 @@ def test_bad_input_names_the_argument():
         m.var(ddof=-1)
     with pytest.raises(ValueError, match="backend"):
         moments(x, backend="nope")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_rows_split_into_blocks_and_thread_counts_agree(backend):
+    import fastnorm
+    # one long row (R=1, M=3*2**17) is cut into equal blocks merged back (parallel work)
+    x = 3.0 + np.random.default_rng(7).normal(size=3 * 2**17)
+    m = moments(x, backend=backend)
+    mean, m2 = ref_moments(x, None)
+    assert abs(float(m.mean) - mean) <= 1e-14 * 3 and abs(float(m.m2) - m2) <= 1e-12 * m2
+    # the same bits on 1 and 2 threads (blocks depend on the shape only)
+    y = np.random.default_rng(8).normal(size=(3, 2**16, 5))
+    out = []
+    for threads in (1, 2):
+        fastnorm.set_num_threads(threads)
+        out.append([moments(a, ax, backend=backend) for a, ax in ((x, None), (y, 1), (y, 0))])
+    for a, b in zip(*out):
+        assert np.array_equal(bits(a.mean), bits(b.mean))
+        assert np.array_equal(bits(a.m2), bits(b.m2))
