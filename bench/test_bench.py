@@ -29,10 +29,11 @@ def pytest_generate_tests(metafunc):
         return
     cfg = metafunc.config
     pairs = [(c, m) for c in cases(quick=not cfg.getoption("--full-shapes")) for m in c.modes]
-    metafunc.parametrize("case_mode", pairs, ids=[f"{c.label}-{m}".replace("×", "x") for c, m in pairs])
+    ids = [f"{c.label}-{m}".replace("×", "x") for c, m in pairs]
+    metafunc.parametrize("case_mode", pairs, ids=ids)
     metafunc.parametrize("dtype", cfg.getoption("--bench-dtype").split(","))
-    metafunc.parametrize("threads", [int(t) for t in cfg.getoption("--bench-threads").split(",")],
-                         ids=lambda t: f"{t}t")
+    threads = [int(t) for t in cfg.getoption("--bench-threads").split(",")]
+    metafunc.parametrize("threads", threads, ids=lambda t: f"{t}t")
     metafunc.parametrize("impl", IMPLS)
 
 

@@ -286,7 +286,6 @@ def onnxruntime_fn(p, mode, threads):
     if c.variant == "instance" and mode == "eval":
         raise Unavailable("ONNX InstanceNormalization has no running statistics")
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import helper, numpy_helper
     except ImportError as e:
@@ -447,7 +446,7 @@ def run_case(p, mode, threads, backends, default, peers, rounds, budget, reuse=T
             errors[name] = _check(conv[name](result), ref[0])
 
     timed = measure(fns, rounds=rounds, budget=budget, on_first=check)
-    del ref
+    ref.clear()
     S = p.nbytes
     for name, (sec, calls) in timed.items():
         impls[name] = {"ms": sec * 1e3, "gbps": PASSES[mode] * S / sec / 1e9, "calls": calls}

@@ -1,4 +1,5 @@
-"""The memory floor of ``python -m fastnorm bench``: streaming loops doing only the mandatory passes.
+"""The memory floor of ``python -m fastnorm bench``: streaming loops doing only the
+mandatory memory passes.
 
 DESIGN.md §4 counts bytes per call with S = x.nbytes: training forward 3·S (a statistics pass
 reads x, the normalize pass reads x and writes y), eval forward 2·S, backward 5·S (a sums pass
