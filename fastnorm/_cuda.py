@@ -44,7 +44,7 @@ SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
 USE_SHUFFLE = not SIMULATOR          # warp shuffles on a GPU, shared memory in the simulator
 WARP = 4 if SIMULATOR else 32        # lanes of the reduction tree
 MAX_TPB = 8 if SIMULATOR else 256    # threads per block (a multiple of WARP, <= WARP**2)
-MAX_GRID = 2 if SIMULATOR else 65535 # blocks per launch; kernels are grid-stride loops
+MAX_GRID = 2 if SIMULATOR else 65535  # blocks per launch; kernels are grid-stride loops
 SCRATCH = 1 if USE_SHUFFLE else MAX_TPB
 FULL_MASK = 0xFFFFFFFF
 
@@ -52,7 +52,6 @@ if SIMULATOR:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _DevArray
 else:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DevArray
-    from numba.cuda.cudadrv.devicearray import DeviceNDArrayBase as _DevBase
 
 
 # ------------------------------------------------------------------- block reductions
@@ -615,8 +614,16 @@ def get_num_threads():
 
 
 def info():
-    return {"numba-cuda": numba_cuda.__version__, "simulator": SIMULATOR,
-            "shuffles": USE_SHUFFLE, "warp": WARP, "threads_per_block": MAX_TPB}
+    """What ``python -m fastnorm info`` prints for this backend."""
+    d = {"numba-cuda": numba_cuda.__version__, "simulator": SIMULATOR,
+         "shuffles": USE_SHUFFLE, "warp": WARP, "threads_per_block": MAX_TPB}
+    if not SIMULATOR:
+        try:
+            dev = cuda.get_current_device()
+            d["device"] = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+        except Exception as e:  # noqa: BLE001 - no driver or no GPU: say why
+            d["device"] = f"none ({type(e).__name__})"
+    return d
 
 
 # --------------------------------------------------------------------- device arrays
@@ -841,6 +848,7 @@ def _via_host(fn, args, kw, running=()):
             _dev(args[i]).copy_to_device(hargs[i])
     if not device:
         return res
+
     def to_dev(r):
         return r if r is None or _is_dev(r) else cuda.to_device(np.ascontiguousarray(r))
     return tuple(map(to_dev, res)) if isinstance(res, tuple) else to_dev(res)

@@ -202,8 +202,8 @@ def test_instance_norm(axis, memory, dtype):
     assert _host(mean).shape == (2, C)
     gx, _, _ = fn.instance_norm_backward(cuda.to_device(dy), xd, mean, rstd, None, False,
                                          axis=axis)
-    egx, _, _ = ref.instance_norm_backward(dy, x, _host(mean)[0], _host(rstd)[0], None, False,
-                                         axis=axis)
+    egx, _, _ = ref.instance_norm_backward(dy, x, _host(mean)[0], _host(rstd)[0], None,
+                                           False, axis=axis)
     assert_close(_host(gx), egx, dtype, what + " eval grad_x")
 
 

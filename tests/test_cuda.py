@@ -16,7 +16,10 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+try:
+    HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+except (ImportError, ValueError):  # a broken or blocked install counts as missing
+    HAVE_NUMBA_CUDA = False
 needs_numba_cuda = pytest.mark.skipif(
     not HAVE_NUMBA_CUDA, reason="numba-cuda is not installed (pip install 'fastnorm[cuda]')")
 
