@@ -2,7 +2,8 @@
 
 ``NUMBA_ENABLE_CUDASIM=1`` must be set before numba.cuda is first imported, so these tests
 live outside the main pytest process (the file name keeps pytest from collecting it there).
-Run alone with: ``NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda_sim_check.py``.
+Run alone with: ``NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda_sim_check.py``; on a
+machine with an NVIDIA GPU, ``FASTNORM_CUDA_DEVICE=1`` runs the same tests on the device.
 The simulator runs each thread as a Python thread (~0.05 s per 8-thread block): shapes are
 tiny, but chosen so every path is taken: rows longer than one simulated warp (cross-warp
 merge), several rows per block (grid-stride), ragged chunks in the two-stage channel sums.
@@ -12,9 +13,10 @@ import os
 import numpy as np
 import pytest
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":  # pragma: no cover
-    pytest.skip("run with NUMBA_ENABLE_CUDASIM=1 (tests/test_cuda.py does)",
-                allow_module_level=True)
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if not SIMULATOR and os.environ.get("FASTNORM_CUDA_DEVICE") != "1":  # pragma: no cover
+    pytest.skip("run with NUMBA_ENABLE_CUDASIM=1, or FASTNORM_CUDA_DEVICE=1 on a GPU "
+                "(tests/test_cuda.py does)", allow_module_level=True)
 
 from numba import cuda  # noqa: E402
 
@@ -265,7 +267,8 @@ class _Interface(_cuda._DevArray):
 
 def test_cuda_array_interface_routes_without_backend_argument():
     x = _data((2, 24), np.float64)
-    y = fn.layer_norm(_Interface(x.copy()), 24)
+    d = _Interface(x.copy()) if SIMULATOR else cuda.to_device(x)
+    y = fn.layer_norm(d, 24)
     assert isinstance(y, _cuda._DevArray)
     assert_close(y.copy_to_host(), ref.layer_norm(x, (24,))[0], np.float64, "routed layer_norm")
 

@@ -33,18 +33,17 @@ def _python(code, **env):
                           env=full_env, capture_output=True, text=True, timeout=300)
 
 
-@needs_numba_cuda
-def test_kernels_and_api_under_the_simulator(tmp_path):
-    """Runs tests/cuda_sim_check.py with NUMBA_ENABLE_CUDASIM=1 and reports its failures."""
-    report = tmp_path / "cuda_sim.xml"
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env.pop("FASTNORM_BACKEND", None)
+def _run_check_file(tmp_path, env):
+    """tests/cuda_sim_check.py in a child pytest with ``env``; fails with its failures."""
+    report = tmp_path / "cuda_check.xml"
+    env = dict({k: v for k, v in os.environ.items()
+                if k not in ("FASTNORM_BACKEND", "NUMBA_ENABLE_CUDASIM")}, **env)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
          f"--junitxml={report}", str(HERE / "cuda_sim_check.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     tail = (proc.stdout + proc.stderr)[-6000:]
-    assert report.exists(), f"the simulator run wrote no report (rc={proc.returncode}):\n{tail}"
+    assert report.exists(), f"the CUDA test run wrote no report (rc={proc.returncode}):\n{tail}"
     suite = ET.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     ran = int(suite.get("tests")) - int(suite.get("skipped"))
@@ -55,8 +54,24 @@ def test_kernels_and_api_under_the_simulator(tmp_path):
             if node is not None:
                 failed.append(f"{case.get('name')}: {node.get('message', '')}")
     assert not failed and proc.returncode == 0, (
-        "simulator tests failed:\n" + "\n".join(failed) + "\n\n" + tail)
-    assert ran >= 20, f"only {ran} simulator tests ran:\n{tail}"
+        "CUDA tests failed:\n" + "\n".join(failed) + "\n\n" + tail)
+    assert ran >= 20, f"only {ran} CUDA tests ran:\n{tail}"
+
+
+@needs_numba_cuda
+def test_kernels_and_api_under_the_simulator(tmp_path):
+    """Every kernel and public function, fwd and bwd, float32/64, under NUMBA_ENABLE_CUDASIM=1."""
+    _run_check_file(tmp_path, {"NUMBA_ENABLE_CUDASIM": "1"})
+
+
+@needs_numba_cuda
+def test_kernels_and_api_on_a_gpu(tmp_path):
+    """The same tests on a real NVIDIA GPU (warp-shuffle path), where one is present."""
+    probe = _python("from numba import cuda; print(cuda.is_available())",
+                    NUMBA_ENABLE_CUDASIM="0")
+    if probe.stdout.strip() != "True":
+        pytest.skip("no CUDA GPU here (the simulator test covers the kernels' logic)")
+    _run_check_file(tmp_path, {"FASTNORM_CUDA_DEVICE": "1"})
 
 
 @needs_numba_cuda
