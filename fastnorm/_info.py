@@ -1,4 +1,9 @@
-"""python -m fastnorm info: what resolved on this machine."""
+"""python -m fastnorm info: what resolved on this machine.
+
+Versions, the backends that load (and why the others do not), the default and how it was
+chosen, the thread count, the Cython build (SIMD clone the CPU runs, compiler, OpenMP) and
+Numba's threading layer (initialized by one small parallel call, so it names the real one).
+"""
 import os
 import platform
 import sys
@@ -24,12 +29,22 @@ def collect():
         "threads": _dispatch.get_num_threads(),
         "backends": _dispatch.available(),
         "default_backend": _dispatch.default_backend(),
+        "FASTNORM_BACKEND": os.environ.get("FASTNORM_BACKEND", "(unset)"),
         "unavailable": dict(_dispatch._FAILED),
     }
+    if "numba" in _dispatch._MODS and not _dispatch._forked[0]:
+        _start_numba_threads()
     for name, mod in _dispatch._MODS.items():
         if hasattr(mod, "info"):
             info[name] = mod.info()
     return info
+
+
+def _start_numba_threads():
+    """One parallel Numba call, so numba.threading_layer() names the layer in use."""
+    kernel = _dispatch._TABLE[("rows_moments", "numba")][1]
+    x = np.zeros((4, 4))
+    kernel(x, np.empty(4), np.empty(4))
 
 
 def _cpu_model():

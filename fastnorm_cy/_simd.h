@@ -60,8 +60,12 @@ static const char *fn_simd_clone(void)
 
 static const char *fn_compiler(void)
 {
-#if defined(__VERSION__)
-    return __VERSION__;
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+    return "msvc";
 #else
     return "unknown";
 #endif
