@@ -424,7 +424,8 @@ def implementations(p, mode, threads, backends, default, peers, reuse=True):
     return makers
 
 
-def run_case(p, mode, threads, backends, default, peers, rounds, budget, reuse=True):
+def run_case(p, mode, threads, backends, default, peers, rounds, budget, reuse=True,
+             target=0.005):
     """One row: time every implementation of ``mode`` on problem ``p`` at ``threads``."""
     set_threads(threads)
     makers = implementations(p, mode, threads, backends, default, peers, reuse)
@@ -445,7 +446,7 @@ def run_case(p, mode, threads, backends, default, peers, rounds, budget, reuse=T
         elif conv[name] is not None:
             errors[name] = _check(conv[name](result), ref[0])
 
-    timed = measure(fns, rounds=rounds, budget=budget, on_first=check)
+    timed = measure(fns, rounds=rounds, budget=budget, target=target, on_first=check)
     ref.clear()
     S = p.nbytes
     for name, (sec, calls) in timed.items():
@@ -740,6 +741,7 @@ def _options(args):
         cases=cases(args.quick, _csv("variant", VARIANTS)(args.variant), args.shape,
                     not args.no_default_shapes),
         rounds=args.rounds or (5 if args.quick else 15),
+        target=0.003 if args.quick else 0.005,
         budget=args.budget if args.budget is not None else (0.05 if args.quick else 0.5))
 
 
@@ -751,7 +753,8 @@ def _progress(total, enabled):
     except ImportError:
         print("(no progress bar: pip install tqdm, or fastnorm[bench])", file=sys.stderr)
         return None
-    return tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (CI logs)
+    return tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True, disable=None)
 
 
 def benchmark(opts, progress=False):
@@ -773,7 +776,8 @@ def benchmark(opts, progress=False):
                 bar.set_description(f"{case.label} {dtype} {threads}t {mode}")
             results.append(run_case(problem, mode, threads, opts["backends"], opts["default"],
                                     peers, opts["rounds"], opts["budget"],
-                                    reuse=opts.get("reuse", True)))
+                                    reuse=opts.get("reuse", True),
+                                    target=opts.get("target", 0.005)))
             if bar is not None:
                 bar.update()
     finally:
@@ -781,7 +785,8 @@ def benchmark(opts, progress=False):
             bar.close()
     order = {d: i for i, d in enumerate(opts["dtypes"])}
     results.sort(key=lambda r: (order[r["dtype"]], r["threads"]))  # stable: case order kept
-    return {"command": opts.get("command", ""), "meta": meta, "results": results,
+    return {"command": opts.get("command", ""), "meta": meta, "threads": opts["threads"],
+            "dtypes": opts["dtypes"], "results": results,
             "elapsed_s": time.perf_counter() - t0}
 
 
