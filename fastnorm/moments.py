@@ -295,6 +295,8 @@ def moments(x, axis=None, *, keepdims=False, backend=None):
         return Moments(n, np.full(out_shape, np.nan), np.zeros(out_shape))
     if x.size == 0:
         return Moments(n, np.empty(out_shape), np.empty(out_shape))
+    if not x.flags.aligned:  # e.g. a buffer deserialized off the network: kernels need alignment
+        x = x.copy(order="K")
     xm, perm = _memory_order(x, red)
     xm = xm.transpose(perm)                 # C-contiguous, axes in memory order
     runs = []                               # consecutive reduced/kept axes merged

@@ -9,6 +9,10 @@ from fastnorm.moments import Moments, moments
 from conftest import BACKENDS
 
 EPS = np.finfo(np.float64).eps
+# Relative accuracy of the statistics by data dtype. float64: ~eps. float32: the rows kernels
+# sum deviations from a pilot mean in float32 lanes (corrected two-pass, fastnorm/_numba),
+# so float32 data gives ~1e-7; 1e-5 is the project's float32 tolerance (conftest.tol).
+RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 
 
 def ref_moments(x, axis):
@@ -50,9 +54,11 @@ def test_single_pass_matches_definition(backend, dtype, offset):
             assert m.mean.shape == mean.shape and m.m2.shape == m2.shape, what
             assert m.mean.dtype == np.float64 and m.m2.dtype == np.float64, what
             assert int(m.count) == x.size // max(mean.size, 1), what
-            # the kernels accumulate in float64: float32 data is as exact as float64 data
-            assert np.max(np.abs(m.mean - mean)) <= 4 * EPS * max(abs(offset), 2) * 8, what
-            # m2: 1e-12 relative, plus the conditioning term of a Chan merge of partial
+            rtol = RTOL[np.dtype(dtype)]
+            n = x.size // max(mean.size, 1)
+            spread = np.abs(mean) + np.sqrt(m2 / n)
+            assert np.all(np.abs(m.mean - mean) <= max(rtol, 32 * EPS) * spread), what
+            # m2: rtol (by dtype), plus the conditioning term of a Chan merge of partial
             # moments (views that leave outer reduced axes, e.g. NCHW over (0, 2, 3)): each
             # partial mean is off by ~ulp(mean), giving ~eps * |mean| / std relative in m2.
             if axis == ():
@@ -60,7 +66,7 @@ def test_single_pass_matches_definition(backend, dtype, offset):
                 continue
             with np.errstate(divide="ignore", invalid="ignore"):
                 cond = np.abs(mean) / np.sqrt(m2 / (x.size // mean.size))
-                bound = np.where(m2 > 0, (1e-12 + 8 * EPS * cond) * m2, 0.0)  # 0: exact
+                bound = np.where(m2 > 0, (rtol + 8 * EPS * cond) * m2, 0.0)  # 0: exact
             assert np.all(np.abs(m.m2 - m2) <= bound), what
 
 
@@ -75,8 +81,8 @@ def test_keepdims_integers_float16_and_edge_shapes(backend):
     mi = moments(xi, 0, backend=backend)
     np.testing.assert_allclose(mi.var(), xi.astype(np.float64).var(axis=0), rtol=1e-13)
     xh = rng.normal(size=(50, 2)).astype(np.float16)
-    mh = moments(xh, 0, backend=backend)
-    np.testing.assert_allclose(mh.mean, xh.astype(np.float64).mean(axis=0), rtol=1e-13)
+    mh = moments(xh, 0, backend=backend)  # computed as float32
+    np.testing.assert_allclose(mh.mean, xh.astype(np.float64).mean(axis=0), rtol=1e-5)
     # a one-element reduction: m2 exactly 0; no reduced axis: mean is x itself
     one = moments(np.array([[7.0]]), backend=backend)
     assert float(one.mean) == 7.0 and float(one.m2) == 0.0 and int(one.count) == 1
@@ -113,32 +119,33 @@ def split_data(draw, max_n=60):
     return x, cuts
 
 
-def assert_merged_equal(merged, whole, what):
-    """1e-12 relative: m2 relative to itself, the mean relative to the data's spread."""
+def assert_merged_equal(merged, whole, what, rtol=1e-12):
+    """rtol relative: m2 relative to itself, the mean relative to the data's spread."""
     assert np.array_equal(np.asarray(merged.count), np.asarray(whole.count)), what
     if int(whole.count) == 0:
         assert np.isnan(merged.mean).all() and not np.asarray(merged.m2).any(), what
         return
     spread = np.abs(whole.mean) + np.sqrt(whole.m2 / int(whole.count))
-    assert np.all(np.abs(merged.mean - whole.mean) <= 1e-12 * spread), what
-    assert np.all(np.abs(merged.m2 - whole.m2) <= 1e-12 * whole.m2), what
+    assert np.all(np.abs(merged.mean - whole.mean) <= rtol * spread), what
+    assert np.all(np.abs(merged.m2 - whole.m2) <= rtol * whole.m2), what
 
 
 @settings(max_examples=150, deadline=None)
 @given(split_data(), st.sampled_from(BACKENDS))
 def test_any_split_merged_equals_single_pass(data, backend):
     x, cuts = data
+    rtol = RTOL[x.dtype]  # 1e-12 for float64 data
     whole = moments(x, 0, backend=backend)
     parts = [moments(p, 0, backend=backend) for p in np.split(x, cuts)]
-    assert_merged_equal(Moments.merge_all(parts), whole, f"tree {x.shape} {cuts}")
+    assert_merged_equal(Moments.merge_all(parts), whole, f"tree {x.shape} {cuts}", rtol)
     left = parts[0]
     for p in parts[1:]:
         left = left.merge(p)
-    assert_merged_equal(left, whole, f"left fold {x.shape} {cuts}")
+    assert_merged_equal(left, whole, f"left fold {x.shape} {cuts}", rtol)
     right = parts[-1]
     for p in parts[-2::-1]:
         right = p.merge(right)
-    assert_merged_equal(right, whole, f"right fold {x.shape} {cuts}")
+    assert_merged_equal(right, whole, f"right fold {x.shape} {cuts}", rtol)
 
 
 @settings(max_examples=150, deadline=None)
@@ -261,3 +268,16 @@ def test_long_rows_split_into_blocks_and_thread_counts_agree(backend):
     for a, b in zip(*out):
         assert np.array_equal(bits(a.mean), bits(b.mean))
         assert np.array_equal(bits(a.m2), bits(b.m2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unaligned_buffer(backend):
+    # a float64 array at an odd address (as a buffer deserialized off the network can be)
+    x = np.random.default_rng(9).normal(size=(40, 3))
+    raw = np.zeros(x.nbytes + 1, np.uint8)[1:]
+    u = raw.view(np.float64).reshape(x.shape)
+    u[...] = x
+    assert not u.flags.aligned
+    m, want = moments(u, 0, backend=backend), moments(x, 0, backend=backend)
+    assert np.array_equal(bits(m.mean), bits(want.mean))
+    assert np.array_equal(bits(m.m2), bits(want.m2))
