@@ -365,9 +365,10 @@ def _ch_scale_shift_k(x, mean, alpha, beta, y):
     # IN x (P, Q, C), mean/alpha/beta (P, C)   OUT y = (x - mean) * alpha + beta
     P, Q, C = x.shape
     for j in range(cuda.grid(1), P * Q * C, cuda.gridsize(1)):
-        c = j % C
-        p = j // (Q * C)
-        q = (j // C) % Q
+        pq = j // C               # two integer divisions per element (64-bit: not free)
+        c = j - pq * C
+        p = pq // Q
+        q = pq - p * Q
         y[p, q, c] = (x[p, q, c] - mean[p, c]) * alpha[p, c] + beta[p, c]
 
 
@@ -376,9 +377,10 @@ def _ch_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
     # IN dy, x (P, Q, C), mean/c1/c2/c3 (P, C)   OUT dx = c1*dy + c2*(x - mean) + c3
     P, Q, C = x.shape
     for j in range(cuda.grid(1), P * Q * C, cuda.gridsize(1)):
-        c = j % C
-        p = j // (Q * C)
-        q = (j // C) % Q
+        pq = j // C               # two integer divisions per element (64-bit: not free)
+        c = j - pq * C
+        p = pq // Q
+        q = pq - p * Q
         dx[p, q, c] = (c1[p, c] * dy[p, q, c] + c2[p, c] * (x[p, q, c] - mean[p, c])
                        + c3[p, c])
 
