@@ -24,17 +24,25 @@ IMPLS = ["floor"] + [f"fastnorm[{b}]" for b in BACKENDS] + ["out="] + list(PEERS
 TOL = {"float32": 1e-3, "float64": 1e-8}
 
 
+def _applies(case, mode, impl):
+    if impl == "out=":
+        return mode in ("forward", "eval")
+    if impl == "onnxruntime":  # inference only, channels-first only
+        return mode in ("forward", "eval") and case.layout != "NHWC"
+    return True
+
+
 def pytest_generate_tests(metafunc):
-    if "case_mode" not in metafunc.fixturenames:
+    if "case_mode_impl" not in metafunc.fixturenames:
         return
     cfg = metafunc.config
-    pairs = [(c, m) for c in cases(quick=not cfg.getoption("--full-shapes")) for m in c.modes]
-    ids = [f"{c.label}-{m}".replace("×", "x") for c, m in pairs]
-    metafunc.parametrize("case_mode", pairs, ids=ids)
+    todo = [(c, m, i) for c in cases(quick=not cfg.getoption("--full-shapes"))
+            for m in c.modes for i in IMPLS if _applies(c, m, i)]
+    ids = [f"{c.label}-{m}-{i}".replace("×", "x") for c, m, i in todo]
+    metafunc.parametrize("case_mode_impl", todo, ids=ids)
     metafunc.parametrize("dtype", cfg.getoption("--bench-dtype").split(","))
     threads = [int(t) for t in cfg.getoption("--bench-threads").split(",")]
     metafunc.parametrize("threads", threads, ids=lambda t: f"{t}t")
-    metafunc.parametrize("impl", IMPLS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,15 +58,12 @@ def _expected(case, mode, dtype):
     return np.asarray(conv(fn()), dtype=np.float64)
 
 
-def test_norm(benchmark, record_gbps, case_mode, dtype, threads, impl):
-    case, mode = case_mode
+def test_norm(benchmark, record_gbps, case_mode_impl, dtype, threads):
+    case, mode, impl = case_mode_impl
     p = _problem(case, dtype)
-    makers = implementations(p, mode, threads, BACKENDS, DEFAULT, PEERS)
-    if impl not in makers:
-        pytest.skip(f"{impl} does not apply to {mode}")
     set_threads(threads)
-    try:
-        fn, conv = makers[impl]()
+    try:   # an optional peer that is not installed, or an op its runtime lacks
+        fn, conv = implementations(p, mode, threads, BACKENDS, DEFAULT, PEERS)[impl]()
     except Unavailable as e:
         pytest.skip(f"{impl}: {e}")
     if conv is not None:  # the floor computes nothing to check
