@@ -69,7 +69,7 @@ def moments(x, axis=None, *, split_every=None, compute=True, backend=None):
     Parameters
     ----------
     x : dask.array.Array (a NumPy array is wrapped as one chunk)
-        float16/32/64 or integer data; float32 is accumulated in float64.
+        float16/32/64 or integer data; statistics in float64 (see fastnorm.moments).
     axis : None, int or tuple of ints
         Axes to reduce (None: all).
     split_every : int or dict, optional

@@ -256,9 +256,11 @@ def moments(x, axis=None, *, keepdims=False, backend=None):
     Parameters
     ----------
     x : ndarray
-        float16/32/64 (float32 is accumulated in float64 by the kernels); integer and bool
+        float16/32/64; integer and bool
         arrays are converted to float64 (one copy). Any memory layout: it is reduced where it
         lies when the reduced axes form a rows or channels view, else copied once.
+        Results are float64 either way; float32 data is as accurate as the kernels sum its
+        deviations (~1e-7 relative: float32 lanes per cache block, blocks merged in float64).
     axis : None, int or tuple of ints
         Axes to reduce (None: all).
     keepdims : bool
@@ -280,7 +282,7 @@ def moments(x, axis=None, *, keepdims=False, backend=None):
     >>> m = fn.moments(x, axis=0)
     >>> int(m.count), m.mean.shape, m.mean.dtype
     (1000, (3,), dtype('float64'))
-    >>> bool(np.allclose(m.var(), x.astype(np.float64).var(axis=0), rtol=1e-12))
+    >>> bool(np.allclose(m.var(), x.astype(np.float64).var(axis=0), rtol=1e-6))
     True
     """
     x = _data(x)
