@@ -450,8 +450,10 @@ def run_case(p, mode, threads, backends, default, peers, rounds, budget, reuse=T
     timed = measure(fns, rounds=rounds, budget=budget, target=target, on_first=check)
     ref.clear()
     S = p.nbytes
+    floor = timed["floor"][0]
     for name, (sec, calls) in timed.items():
-        impls[name] = {"ms": sec * 1e3, "gbps": PASSES[mode] * S / sec / 1e9, "calls": calls}
+        impls[name] = {"ms": sec * 1e3, "gbps": PASSES[mode] * S / sec / 1e9,
+                       "floor_ratio": floor / sec, "calls": calls}
         if errors.get(name) is not None:
             impls[name]["max_rel_err"] = errors[name]
             if errors[name] > _TOL[p.dtype]:
@@ -492,8 +494,9 @@ def shortfalls(row):
     return out
 
 
-def columns(results):
-    """The table's columns (name, cell function), only those some row fills."""
+def columns(results, wide=False):
+    """The table's columns (name, cell function), only those some row fills. ``wide`` adds
+    GB/s and floor/peer for every peer and backend (the JSON has them in any case)."""
     default = results[0]["default"]
     others = sorted({n for r in results for n in r["impls"] if n.startswith("fastnorm[")}
                     - {default})
@@ -514,26 +517,35 @@ def columns(results):
             return f"{a / b:.2f}" if a and b else ""
         return cell
 
-    def gbps(r):
-        i = r["impls"].get(default)
-        return f"{i['gbps']:.1f}" if i and "gbps" in i else ""
+    def gbps(name):
+        def cell(r):
+            i = r["impls"].get(name)
+            return f"{i['gbps']:.1f}" if i and "gbps" in i else ""
+        return cell
 
     cols = [("case", lambda r: r["case"]), ("mode", lambda r: r["mode"]),
             ("MiB", lambda r: f"{r['mib']:.3g}"), ("floor ms", ms("floor")),
-            ("fastnorm ms", ms(default)), ("GB/s", gbps),
+            ("fastnorm ms", ms(default)), ("GB/s", gbps(default)),
             ("floor/ours", ratio("floor", default)),
             ("out= ms", ms("out=")), ("floor/out=", ratio("floor", "out="))]
-    cols += [(n.replace("fastnorm[", "").rstrip("]") + " ms", ms(n)) for n in others]
+    for n in others:
+        short = n.replace("fastnorm[", "").rstrip("]")
+        cols.append((f"{short} ms", ms(n)))
+        if wide:
+            cols += [(f"{short} GB/s", gbps(n)), (f"floor/{short}", ratio("floor", n))]
     for peer in PEERS:
         if any(_ms(r["impls"].get(peer)) for r in results):
             short = {"onnxruntime": "ort"}.get(peer, peer)
-            cols += [(f"{short} ms", ms(peer)), (f"×{short}", ratio(peer, default))]
+            cols.append((f"{short} ms", ms(peer)))
+            if wide:
+                cols += [(f"{short} GB/s", gbps(peer)), (f"floor/{short}", ratio("floor", peer))]
+            cols.append((f"×{short}", ratio(peer, default)))
     cols.append(("short of target", lambda r: "; ".join(shortfalls(r))))
     return [(h, f) for h, f in cols if any(f(r) for r in results)]
 
 
-def markdown_table(rows):
-    cols = columns(rows)
+def markdown_table(rows, wide=False):
+    cols = columns(rows, wide)
     cells = [[h for h, _ in cols]] + [[f(r) for _, f in cols] for r in rows]
     width = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, width)) + " |" for row in cells]
@@ -541,7 +553,7 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def render_markdown(report):
+def render_markdown(report, wide=False):
     """The whole report as markdown: header (command, machine, versions) then one table per
     dtype × thread count, then the peers that could not run and why."""
     m = report["meta"]
@@ -564,7 +576,7 @@ def render_markdown(report):
             rows = [r for r in results if r["dtype"] == dtype and r["threads"] == th]
             if rows:
                 lines += ["", f"#### {dtype}, {th} thread{'s' if th > 1 else ''}", "",
-                          markdown_table(rows)]
+                          markdown_table(rows, wide)]
     na = {}
     for r in results:
         for n, i in r["impls"].items():
@@ -716,6 +728,8 @@ def add_arguments(parser):
                         help="seconds of samples per implementation and case "
                              "(default 0.5, quick 0.05)")
     parser.add_argument("--no-out", action="store_true", help="skip the out= reuse column")
+    parser.add_argument("--wide", action="store_true",
+                        help="GB/s and floor/peer columns for every peer too")
     parser.add_argument("--json", metavar="PATH", help="write results and metadata as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
@@ -807,7 +821,7 @@ def run(args):
     opts["reuse"] = not args.no_out
     opts["command"] = _command(args)
     report = benchmark(opts, progress=not args.no_progress)
-    text = render_markdown(report)
+    text = render_markdown(report, args.wide)
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
