@@ -10,6 +10,7 @@ is a function of the chunks and ``split_every`` only, so for the same chunks eve
 
 Needs the ``[dask]`` extra: ``pip install "fastnorm[dask]"``.
 """
+import functools
 import numbers
 
 import numpy as np
@@ -113,7 +114,8 @@ def moments(x, axis=None, *, split_every=None, compute=True, backend=None):
         m = Moments(count, mean, da.zeros_like(mean))
     else:
         kept = tuple(s for i, s in enumerate(x.shape) if i not in red)
-        r = da.reduction(x, _chunk_with(backend), _merge_blocks, combine=_merge_blocks,
+        r = da.reduction(x, functools.partial(_chunk, backend=backend), _merge_blocks,
+                         combine=_merge_blocks,
                          axis=red, keepdims=False, dtype=PARTIAL, split_every=split_every,
                          concatenate=True, meta=np.empty((0,) * len(kept), PARTIAL),
                          name="fastnorm-moments")
@@ -122,15 +124,6 @@ def moments(x, axis=None, *, split_every=None, compute=True, backend=None):
         mean, m2 = dask.compute(m.mean, m.m2)
         m = Moments(count, np.asarray(mean), np.asarray(m2))
     return m
-
-
-def _chunk_with(backend):
-    if backend is None:
-        return _chunk
-
-    def chunk(x, axis=None, keepdims=True, computing_meta=False):
-        return _chunk(x, axis, keepdims, computing_meta, backend)
-    return chunk
 
 
 def _standardize(block, mean, scale, dtype, block_info=None):
