@@ -294,6 +294,7 @@ def onnxruntime_fn(p, mode, threads):
     elem = helper.np_dtype_to_tensor_dtype(p.dtype)
     inits = {"w": p.w, "b": p.b, "rm": p.rm.copy(), "rv": p.rv.copy()}
     eps = float(np.finfo(p.dtype).eps) if c.variant == "rms" else 1e-5
+    stash = elem  # statistics in the data's precision (ONNX's default stash_type is float32)
     if c.variant == "batch":
         train = mode == "forward"
         node = helper.make_node("BatchNormalization", ["x", "w", "b", "rm", "rv"],
@@ -303,12 +304,13 @@ def onnxruntime_fn(p, mode, threads):
         node = helper.make_node("InstanceNormalization", ["x", "w", "b"], ["y"], epsilon=eps)
     elif c.variant == "group":
         node = helper.make_node("GroupNormalization", ["x", "w", "b"], ["y"], epsilon=eps,
-                                num_groups=c.groups)
+                                num_groups=c.groups, stash_type=stash)
     elif c.variant == "layer":
         node = helper.make_node("LayerNormalization", ["x", "w", "b"], ["y"], axis=-1,
-                                epsilon=eps)
+                                epsilon=eps, stash_type=stash)
     else:
-        node = helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=-1, epsilon=eps)
+        node = helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=-1, epsilon=eps,
+                                stash_type=stash)
     graph = helper.make_graph(
         [node], "norm", [helper.make_tensor_value_info("x", elem, c.shape)],
         [helper.make_tensor_value_info("y", elem, c.shape)],
@@ -329,7 +331,8 @@ def onnxruntime_fn(p, mode, threads):
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error classes
             err = e
     if sess is None:
-        raise Unavailable(f"onnxruntime {ort.__version__}: {str(err).splitlines()[0][-120:]}")
+        msg = str(err).splitlines()[0].split("NOT_IMPLEMENTED : ")[-1]
+        raise Unavailable(f"onnxruntime {ort.__version__}: {msg[:120]}")
     feed = {"x": p.x}
     return (lambda: sess.run(["y"], feed)), _first
 
