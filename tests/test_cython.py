@@ -1,0 +1,497 @@
+"""The Cython backend: build, kernels against their NumPy twins, argument checks, dispatch,
+start-up, fork safety and concurrent threads.
+
+The API-level matrix (every op x backend x dtype x layout against the float64 oracles, and
+the same bits at 1 and 2 threads) lives in test_api.py / test_accuracy.py and covers this
+backend through ``fastnorm.available_backends()``; this file tests what is specific to it.
+"""
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastnorm as fn
+from fastnorm import _dispatch, reference
+
+try:
+    import fastnorm_cy as cy
+except ImportError as e:  # not built
+    cy, CY_ERROR = None, str(e)
+
+# CI sets FASTNORM_REQUIRE_CYTHON=1 (or CI=true): a missing extension is then a failure.
+REQUIRED = os.environ.get("FASTNORM_REQUIRE_CYTHON") == "1" or bool(os.environ.get("CI"))
+needs_cy = pytest.mark.skipif(cy is None and not REQUIRED,
+                              reason="fastnorm_cy is not built (pip install . builds it)")
+BIG = _dispatch.PARALLEL_MIN  # elements: inputs at least this large take the parallel path
+
+
+def test_extension_is_built():
+    if cy is None and not REQUIRED:
+        pytest.skip("fastnorm_cy is not built and FASTNORM_REQUIRE_CYTHON is not set")
+    assert cy is not None, f"the Cython extension is missing: {CY_ERROR}"
+    assert "cython" in fn.available_backends()
+    assert _dispatch.default_backend() == "cython" or os.environ.get("FASTNORM_BACKEND")
+
+
+# ------------------------------------------------------------------------ kernels vs twins
+
+def _rows_args(name, rng, R, M, dtype, offset):
+    x = (offset + rng.standard_normal((R, M))).astype(dtype)
+    dy = rng.standard_normal((R, M)).astype(dtype)
+    w = rng.normal(1, 0.3, M).astype(dtype)
+    b = rng.normal(0, 0.3, M).astype(dtype)
+    x64 = x.astype(np.float64)
+    m64 = x64.mean(axis=1)
+    r64 = 1.0 / np.sqrt(x64.var(axis=1) + 1e-5)
+    per = [rng.standard_normal(R) for _ in range(3)]
+    if name == "rows_fwd":
+        return [x, w, b, 1e-5, False, np.empty_like(x), np.empty(R, dtype),
+                np.empty(R, dtype)], (5, 6, 7)
+    if name == "rows_fwd_rms":
+        return [x, w, None, 1e-6, True, np.empty_like(x), np.empty(R, dtype),
+                np.empty(R, dtype)], (5, 6, 7)
+    if name == "rows_bwd":
+        B = max(1, min(64, R // 16))
+        return [dy, x, m64.astype(dtype), r64.astype(dtype), w, False, np.empty_like(x),
+                np.full((B, M), 7.0), np.full((B, M), 7.0)], (6, 7, 8)
+    if name == "rows_bwd_rms":
+        return [dy, x, np.zeros(R, dtype), r64.astype(dtype), None, True, np.empty_like(x),
+                None, np.full((3, M), 7.0)], (6, 8)
+    if name == "rows_moments":
+        return [x, np.empty(R), np.empty(R)], (1, 2)
+    if name == "rows_scale_shift":
+        return [x, m64, per[0], per[1], np.empty_like(x)], (4,)
+    if name == "rows_dot":
+        return [dy, x, m64, np.empty(R), np.empty(R)], (3, 4)
+    if name == "rows_bwd_apply":
+        return [dy, x, m64, *per, np.empty_like(x)], (6,)
+    raise ValueError(name)
+
+
+def _channels_args(name, rng, P, Q, C, dtype, offset):
+    x = (offset + rng.standard_normal((P, Q, C))).astype(dtype)
+    dy = rng.standard_normal((P, Q, C)).astype(dtype)
+    m64 = x.astype(np.float64).mean(axis=1)
+    per = [rng.standard_normal((P, C)) for _ in range(3)]
+    if name == "channels_moments":
+        return [x, np.empty((P, C)), np.empty((P, C))], (1, 2)
+    if name == "channels_scale_shift":
+        return [x, m64, per[0], per[1], np.empty_like(x)], (4,)
+    if name == "channels_dot":
+        return [dy, x, m64, np.empty((P, C)), np.empty((P, C))], (3, 4)
+    if name == "channels_bwd_apply":
+        return [dy, x, m64, *per, np.empty_like(x)], (6,)
+    raise ValueError(name)
+
+
+ROWS = ["rows_fwd", "rows_fwd_rms", "rows_bwd", "rows_bwd_rms", "rows_moments",
+        "rows_scale_shift", "rows_dot", "rows_bwd_apply"]
+CHANNELS = ["channels_moments", "channels_scale_shift", "channels_dot", "channels_bwd_apply"]
+# (R, M): one row, one column, a row longer than a 4096 block (Chan merges), many short rows
+ROW_SHAPES = [(1, 768), (7, 1), (3, 9000), (40, 1000)]
+# (P, Q, C): block boundaries (8192 // C rows per block), C=1, P > 1
+CH_SHAPES = [(1, 1, 1024), (1, 5000, 3), (3, 700, 37), (2, 300, 1), (1, 2049, 8)]
+
+
+def _run_both(name, args, outs):
+    """Outputs of the reference twin, the serial and the parallel Cython kernel."""
+    kname = name.replace("_rms", "")
+    results = []
+    for fun in (getattr(reference, kname), *cy.KERNELS[kname]):
+        a = [v.copy() if isinstance(v, np.ndarray) else v for v in args]
+        fun(*a)
+        results.append([a[i] for i in outs])
+    return results
+
+
+def _check(name, results, dtype, what, offset=0.0, hint=1.0):
+    """Serial == parallel bit for bit; both near the twin. ``hint``: the size of the terms
+    that cancel in an output (rstd * |dy * w| for a backward), when above the result's."""
+    ref, serial, parallel = results
+    for k, (e, s, p) in enumerate(zip(ref, serial, parallel)):
+        np.testing.assert_array_equal(s, p, err_msg=f"{what} output {k}: serial != parallel")
+        e64, s64 = e.astype(np.float64), s.astype(np.float64)
+        scale = max(1.0, hint, float(np.nanmax(np.abs(e64))) if e.size else 1.0)
+        # float64: rounding amplified by the conditioning of x - mean, about 1 + |offset|
+        tol = (2e-14 * (1 + abs(offset)) if dtype == np.float64 else 3e-6) * scale
+        if e.dtype == np.float32:   # an output rounded to float32: half an ulp either way
+            tol = max(tol, 1.2e-7 * scale)
+        err = float(np.nanmax(np.abs(s64 - e64))) if e.size else 0.0
+        assert np.array_equal(np.isnan(s64), np.isnan(e64)), f"{what} output {k}: NaN pattern"
+        assert err <= tol, f"{what} output {k}: max abs error {err:.3g} > {tol:.3g}"
+
+
+@needs_cy
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("name", ROWS + CHANNELS)
+def test_kernel_matches_twin(name, offset, dtype):
+    rng = np.random.default_rng(int(offset) + len(name))
+    shapes = ROW_SHAPES if name.startswith("rows") else CH_SHAPES
+    for shape in shapes:
+        make = _rows_args if name.startswith("rows") else _channels_args
+        args, outs = make(name, rng, *shape, dtype, offset)
+        what = f"{name} dtype={np.dtype(dtype).name} shape={shape} offset={offset}"
+        hint = 1.0
+        if name.startswith("rows_bwd") and name != "rows_bwd_apply":
+            w = 1.0 if args[4] is None else np.abs(args[4]).max()
+            hint = float(np.abs(args[3]).max() * np.abs(args[0]).max() * w)
+        _check(name, _run_both(name, args, outs), dtype, what, offset, hint)
+
+
+@needs_cy
+def test_parallel_kernels_same_bits_as_serial_on_big_inputs():
+    # large enough that the parallel loops split the work between two threads
+    rng = np.random.default_rng(1)
+    cy.set_num_threads(2)
+    for name in ROWS:
+        args, outs = _rows_args(name, rng, 257, 3000, np.float32, 3.0)
+        _check(name, _run_both(name, args, outs), np.float32, name)
+    for name in CHANNELS:
+        args, outs = _channels_args(name, rng, 2, 9000, 24, np.float32, 3.0)
+        _check(name, _run_both(name, args, outs), np.float32, name)
+
+
+@needs_cy
+def test_nan_and_inf_propagate_like_the_twin():
+    x = np.random.default_rng(2).standard_normal((4, 50))
+    x[1, 3], x[2, 7] = np.nan, np.inf
+    for name in ("rows_fwd", "rows_moments"):
+        args, outs = _rows_args(name, np.random.default_rng(0), 4, 50, np.float64, 0.0)
+        args[0] = x
+        with np.errstate(invalid="ignore"):
+            ref, serial, _ = _run_both(name, args, outs)
+        for e, s in zip(ref, serial):
+            np.testing.assert_array_equal(np.isnan(e), np.isnan(s))
+            np.testing.assert_array_equal(np.isfinite(e), np.isfinite(s))
+
+
+@needs_cy
+def test_constant_row_gives_exactly_beta():
+    # DESIGN §5: a constant row at 1e4+0.1 normalizes to exactly 0, so y is exactly bias
+    x = np.full((2, 768), 1e4 + 0.1, np.float32)
+    b = np.linspace(-1, 1, 768).astype(np.float32)
+    y, m, r = np.empty_like(x), np.empty(2, np.float32), np.empty(2, np.float32)
+    cy.KERNELS["rows_fwd"][0](x, np.ones(768, np.float32), b, 1e-5, False, y, m, r)
+    np.testing.assert_array_equal(y, np.broadcast_to(b, y.shape))
+
+
+# ------------------------------------------------------------------------ argument checks
+
+@needs_cy
+def test_read_only_inputs_are_accepted():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    w, b = np.ones(16, np.float32), np.zeros(16, np.float32)
+    for a in (x, w, b):
+        a.flags.writeable = False
+    y, m, r = np.empty_like(x), np.empty(8, np.float32), np.empty(8, np.float32)
+    for k in cy.KERNELS["rows_fwd"]:
+        k(x, w, b, 1e-5, False, y, m, r)
+    expected = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, expected, atol=2e-6)
+
+
+@needs_cy
+@pytest.mark.parametrize("kernel", [0, 1])
+def test_bad_arguments_raise_naming_the_argument(kernel):
+    fwd = cy.KERNELS["rows_fwd"][kernel]
+    x = np.zeros((4, 6), np.float32)
+    ok = dict(weight=None, bias=None, y=np.empty_like(x), mean=np.empty(4, np.float32),
+              rstd=np.empty(4, np.float32))
+
+    def call(**kw):
+        a = dict(ok, **kw)
+        fwd(kw.get("x", x), a["weight"], a["bias"], 1e-5, False, a["y"], a["mean"], a["rstd"])
+
+    call()  # the baseline is valid
+    with pytest.raises(ValueError, match="weight"):
+        call(weight=np.ones(5, np.float32))
+    with pytest.raises(TypeError, match="bias"):
+        call(bias=np.ones(6, np.float64))
+    with pytest.raises(TypeError, match="weight"):
+        call(weight=[1.0] * 6)
+    with pytest.raises(ValueError, match="y"):
+        call(y=np.empty((4, 7), np.float32))
+    with pytest.raises(ValueError, match="y"):
+        call(y=np.empty((6, 4), np.float32).T)          # right shape, not C-contiguous
+    ro = np.empty(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="mean is read-only"):
+        call(mean=ro)
+    with pytest.raises(TypeError, match="x"):
+        call(x=np.zeros((4, 6), np.int32))
+    with pytest.raises(ValueError, match="x"):
+        call(x=np.zeros(24, np.float32))
+    with pytest.raises(ValueError, match="x"):
+        call(x=np.zeros((4, 6), ">f4"))                 # byte-swapped
+    with pytest.raises(ValueError, match="dw_part"):
+        cy.KERNELS["rows_bwd"][kernel](x, x, ok["mean"], ok["rstd"], None, False,
+                                       np.empty_like(x), np.empty((2, 5)), None)
+    with pytest.raises(ValueError, match="sum_dyxc"):
+        cy.KERNELS["channels_dot"][kernel](x[None], x[None], np.zeros((1, 6)),
+                                           np.empty((1, 6)), np.empty((1, 5)))
+
+
+# ------------------------------------------------------------------------ module contract
+
+@needs_cy
+def test_module_contract():
+    assert set(cy.KERNELS) == set(reference.KERNELS)
+    assert all(callable(s) and callable(p) and s is not p for s, p in cy.KERNELS.values())
+    info = cy.info()
+    assert info["simd_clone"].split()[0] in ("x86-64-v4", "x86-64-v3", "default", "portable")
+    n = cy.get_num_threads()
+    cy.set_num_threads(3)
+    assert cy.get_num_threads() == 3 and cy.info()["threads"] == 3
+    cy.set_num_threads(n)
+    with pytest.raises(ValueError):
+        cy.set_num_threads(0)
+
+
+@needs_cy
+def test_info_command_names_the_simd_clone_and_threading_layer():
+    out = subprocess.run([sys.executable, "-m", "fastnorm", "info"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "cython.simd_clone" in out and cy.info()["simd_clone"] in out
+    assert "threads" in out and "backends" in out
+    assert "numba.threading_layer" in out
+
+
+# ------------------------------------------------------------------------ dispatch
+
+@needs_cy
+def test_use_backend_nests_and_restores():
+    x = np.random.default_rng(4).standard_normal((3, 8))
+    with fn.use_backend("numba"):
+        assert _dispatch.resolve() == "numba"
+        with fn.use_backend("cython"):
+            assert _dispatch.resolve() == "cython"
+            y = fn.layer_norm(x, 8)
+        assert _dispatch.resolve() == "numba"
+    np.testing.assert_allclose(y, reference.layer_norm(x, (8,))[0], atol=1e-12)
+    with pytest.raises(ValueError, match="backend"):
+        with fn.use_backend("fortran"):
+            pass
+
+
+def test_environment_variable_and_bad_values(monkeypatch):
+    monkeypatch.setenv("FASTNORM_BACKEND", "numpy")
+    assert _dispatch.resolve() == "numpy"
+    monkeypatch.setenv("FASTNORM_BACKEND", "fortran")
+    with pytest.warns(RuntimeWarning, match="FASTNORM_BACKEND"):
+        assert _dispatch.resolve() in _dispatch.BACKENDS
+    monkeypatch.delenv("FASTNORM_BACKEND")
+    assert _dispatch.resolve() == _dispatch.available()[0]
+
+
+@needs_cy
+def test_set_num_threads_reaches_the_cython_module():
+    x = np.random.default_rng(5).standard_normal((64, 1024))   # > PARALLEL_MIN elements
+    fn.set_num_threads(1)
+    y1 = fn.layer_norm(x, 1024, backend="cython")
+    fn.set_num_threads(2)
+    y2 = fn.layer_norm(x, 1024, backend="cython")
+    assert cy.get_num_threads() == 2
+    np.testing.assert_array_equal(y1, y2)
+
+
+# ------------------------------------------------------------------------ start-up
+
+@needs_cy
+def test_import_is_lazy_and_first_cython_calls_are_fast():
+    code = textwrap.dedent("""
+        import json, sys, time
+        t0 = time.perf_counter()
+        import fastnorm as fn
+        imported = sorted(m for m in ("numba", "fastnorm_cy", "torch") if m in sys.modules)
+        import numpy as np
+        x = np.random.default_rng(0).standard_normal((4, 8, 6, 6)).astype(np.float32)
+        dy = np.ones_like(x)
+        with fn.use_backend("cython"):
+            y, m, r = fn.batch_norm(x, None, None, training=True, return_stats=True)
+            fn.batch_norm_backward(dy, x, m, r)
+            y, m, r = fn.layer_norm(x, (6, 6), return_stats=True)
+            fn.layer_norm_backward(dy, x, m, r)
+            y, m, r = fn.group_norm(x, 2, return_stats=True)
+            fn.group_norm_backward(dy, x, m, r, num_groups=2)
+            y, m, r = fn.instance_norm(x, return_stats=True)
+            fn.instance_norm_backward(dy, x, m, r)
+            y, r = fn.rms_norm(x, (6,), return_stats=True)
+            fn.rms_norm_backward(dy, x, r)
+        t1 = time.perf_counter()
+        print(json.dumps({"imported": imported, "seconds": t1 - t0,
+                          "numba_after": "numba" in sys.modules}))
+    """)
+    import json
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    res = json.loads(out)
+    assert res["imported"] == [], f"import fastnorm imported {res['imported']}"
+    assert not res["numba_after"], "the Cython path imported numba"
+    assert res["seconds"] <= 0.5, f"import + first Cython calls took {res['seconds']:.3f} s"
+
+
+# ------------------------------------------------------------------------ fork safety
+
+def _child_check():
+    """In a child: one op on every CPU backend, with inputs big enough for the parallel
+    path, against the float64 oracle. Returns the list of failures (empty = good)."""
+    rng = np.random.default_rng(7)
+    x = (2 + rng.standard_normal((64, 1024))).astype(np.float32)    # 64K elements >= BIG
+    xb = rng.standard_normal((16, 8, 16, 16))
+    bad = []
+    for backend in fn.available_backends():
+        y = fn.layer_norm(x, 1024, backend=backend)
+        e = np.abs(y - reference.layer_norm(x, (1024,))[0]).max()
+        yb = fn.batch_norm(xb, None, None, training=True, backend=backend)
+        eb = np.abs(yb - reference.batch_norm(xb, None, None, training=True)[0]).max()
+        if not (e < 1e-4 and eb < 1e-10):
+            bad.append((backend, float(e), float(eb)))
+    if cy is not None:  # the module's own parallel entry must also be safe in a child
+        y, m, r = np.empty_like(x), np.empty(64, np.float32), np.empty(64, np.float32)
+        cy.KERNELS["rows_fwd"][1](x, None, None, 1e-5, False, y, m, r)
+        if np.abs(y - reference.layer_norm(x, (1024,))[0]).max() > 1e-4:
+            bad.append(("fastnorm_cy parallel entry",))
+    return bad
+
+
+def _parallel_calls_in_parent():
+    x = np.random.default_rng(8).standard_normal((64, 1024))
+    fn.set_num_threads(2)
+    for backend in fn.available_backends():
+        fn.layer_norm(x, 1024, backend=backend)
+        fn.batch_norm(x.reshape(64, 16, 64), None, None, training=True, backend=backend)
+
+
+def _wait(pid, timeout=120):
+    """Exit code of child ``pid``, or 'hung' (the child is then killed)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return "hung"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_os_fork_child_after_parallel_calls():
+    _parallel_calls_in_parent()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            code = 0 if not _child_check() else 2
+        finally:
+            os._exit(code)
+    assert _wait(pid) == 0
+    assert not _dispatch._forked[0]
+    _parallel_calls_in_parent()   # the parent goes on, parallel
+    assert _child_check() == []
+
+
+def _pool_task(_):
+    return _child_check()
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="no fork start method on this platform")
+def test_multiprocessing_fork_after_parallel_calls():
+    _parallel_calls_in_parent()
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        results = pool.map_async(_pool_task, range(2)).get(timeout=120)
+    assert results == [[], []]
+    _parallel_calls_in_parent()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+def test_fork_guard_is_needed_for_numba_omp():
+    # The guard is not decorative: a forked child that runs Numba's parallel kernel on the
+    # omp layer is killed (DESIGN §4). Skip where numba uses another threading layer.
+    numba_mod = pytest.importorskip("numba")
+    if "numba" not in fn.available_backends():
+        pytest.skip("numba backend unavailable")
+    _parallel_calls_in_parent()
+    if numba_mod.threading_layer() != "omp":
+        pytest.skip(f"numba threading layer is {numba_mod.threading_layer()}, not omp")
+    x = np.random.default_rng(9).standard_normal((64, 1024))
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _dispatch._forked[0] = False        # disable the guard in this child only
+            fn.layer_norm(x, 1024, backend="numba")
+            code = 0
+        finally:
+            os._exit(code)
+    status = _wait(pid, timeout=60)
+    assert status != 0, "numba's omp layer survived fork: the guard may be relaxed"
+
+
+# ------------------------------------------------------------------------ threads
+
+def _ops(x4, w, b, backend):
+    """Every op, forward and backward, on shared read-only weights; returns the arrays."""
+    dy = np.cos(x4)
+    out = []
+    y, m, r = fn.batch_norm(x4, None, None, w, b, True, return_stats=True, backend=backend)
+    out += [y, *fn.batch_norm_backward(dy, x4, m, r, w, backend=backend)]
+    y, m, r = fn.group_norm(x4, 4, w, b, return_stats=True, backend=backend)
+    out += [y, *fn.group_norm_backward(dy, x4, m, r, w, num_groups=4, backend=backend)]
+    y, m, r = fn.instance_norm(x4, weight=w, bias=b, return_stats=True, backend=backend)
+    out += [y, *fn.instance_norm_backward(dy, x4, m, r, w, backend=backend)]
+    M = x4.shape[-1]
+    wl, bl = w[:1].repeat(M), b[:1].repeat(M)
+    wl.flags.writeable = bl.flags.writeable = False
+    y, m, r = fn.layer_norm(x4, M, wl, bl, return_stats=True, backend=backend)
+    out += [y, *fn.layer_norm_backward(dy, x4, m, r, wl, backend=backend)]
+    y, r = fn.rms_norm(x4, M, wl, return_stats=True, backend=backend)
+    out += [y, *fn.rms_norm_backward(dy, x4, r, wl, backend=backend)]
+    out.append(fn.batch_norm(np.ascontiguousarray(np.moveaxis(x4, 1, -1)), None, None, w, b,
+                             True, axis=-1, backend=backend))
+    return out
+
+
+@pytest.mark.parametrize("backend", fn.available_backends())
+def test_eight_threads_get_the_serial_results(backend):
+    rng = np.random.default_rng(10)
+    w = rng.normal(1, 0.2, 16).astype(np.float32)
+    b = rng.normal(0, 0.2, 16).astype(np.float32)
+    w.flags.writeable = b.flags.writeable = False
+    inputs = [(3 + rng.standard_normal(s)).astype(np.float32)
+              for s in ((4, 16, 32, 32), (2, 16, 3, 5))]    # parallel path, serial path
+    for x in inputs:
+        x.flags.writeable = False
+    fn.set_num_threads(2)
+    expected = [_ops(x, w, b, backend) for x in inputs]
+    barrier = threading.Barrier(8)
+    results, errors = [None] * 8, []
+
+    def worker(k):
+        try:
+            barrier.wait()
+            results[k] = [_ops(x, w, b, backend) for _ in range(3) for x in inputs]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for k in range(8):
+        for rep, got in enumerate(results[k]):
+            for i, (g, e) in enumerate(zip(got, expected[rep % 2])):
+                np.testing.assert_array_equal(g, e, err_msg=f"thread {k} call {rep} out {i}")
