@@ -35,8 +35,8 @@ class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
         cflags, lflags = FLAGS.get(self.compiler.compiler_type, FLAGS["unix"])
         base_c, base_l = list(ext.extra_compile_args), list(ext.extra_link_args)
-        attempts = [(cflags, lflags),
-                    ([f for f in cflags if f not in OPENMP], [f for f in lflags if f not in OPENMP])]
+        serial = ([f for f in cflags if f not in OPENMP], [f for f in lflags if f not in OPENMP])
+        attempts = [(cflags, lflags), serial]
         for i, (c, l) in enumerate(attempts):
             ext.extra_compile_args, ext.extra_link_args = base_c + c, base_l + l
             try:
