@@ -178,3 +178,26 @@ def test_plot_writes_a_png(tmp_path):
     main(["bench"] + TINY + ["--shape", "rms:8x8", "--mode", "forward", "--peers", "numpy",
                              "--json", str(js), "--plot", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("peer", ["torch", "onnxruntime"])
+def test_installed_peers_run_every_case_and_agree(peer):
+    pytest.importorskip(peer)
+    if peer == "onnxruntime":
+        pytest.importorskip("onnx")
+    expect_na = {"onnxruntime": lambda c, m: (c.layout == "NHWC" or "backward" in m
+                                              or (c.variant == "instance" and m == "eval")),
+                 "torch": lambda c, m: False}[peer]
+    # batch: both layouts (torch's channels_last strides); group: ONNX's stash_type; rms
+    for case in B.cases(shapes=["3x64x4x5", "rms:6x16"], variants=("batch", "group", "rms"),
+                        defaults=False):
+        p = B.Problem(case, "float32")
+        for mode in case.modes:
+            row = B.run_case(p, mode, 1, ["numba"], "numba", ["numpy", peer], rounds=3,
+                             budget=0.001, reuse=False, target=1e-4)
+            got = row["impls"][peer]
+            where = f"{peer} {case.label} {mode}"
+            if expect_na(case, mode):
+                assert "na" in got, where
+            else:
+                assert got["ms"] > 0 and got["max_rel_err"] < 1e-4, (where, got)
