@@ -173,14 +173,13 @@ def run(args):
     """Train the six variants, print the tables, write the PNG."""
     _check(args)
     try:
+        from threadpoolctl import threadpool_limits    # a scikit-learn dependency
         from tqdm.auto import tqdm
         data = load_digits(args.seed)
         import matplotlib  # noqa: F401  (fail before training, not after)
     except ImportError as e:
         raise SystemExit(f"the demo needs the [demo] extra ({e.name} is missing): "
                          "pip install 'fastnorm[demo]'") from None
-    from threadpoolctl import threadpool_limits    # a scikit-learn dependency
-
     from . import _dispatch
     t0 = time.perf_counter()
     results = []

@@ -6,7 +6,6 @@ The float64 reference oracles and written-out update formulas are the oracles; t
 import numpy as np
 import pytest
 
-import fastnorm as fn
 from fastnorm import nn, reference
 from fastnorm.autograd import Tensor
 from fastnorm.optim import SGD, Adam
