@@ -23,7 +23,8 @@ DIRECTIVES = dict(language_level=3, cdivision=True, **CHECKS)
 # compiler type -> (compile args, link args); OpenMP flags are dropped on the retry
 FLAGS = {
     "msvc": (["/O2", "/openmp"], []),
-    "unix": (["-O0", "-g", "-UNDEBUG", "-fopenmp"] if DEBUG else ["-O3", "-fopenmp"],
+    "unix": ((["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"])
+             + ["-fno-math-errno", "-fopenmp"],   # no errno: lets sqrt vectorize
              ["-fopenmp"]),
 }
 OPENMP = {"-fopenmp", "/openmp"}

@@ -22,6 +22,8 @@ import os
 import threading
 import warnings
 
+import numpy as np
+
 from . import reference
 
 BACKENDS = ("cython", "numba", "numpy")          # preference order, fastest first
@@ -67,6 +69,28 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _composed_channels_eval(scale_shift):
+    """channels_eval from a backend's channels_scale_shift (coefficients in NumPy)."""
+    def channels_eval(x, mean, var, weight, bias, eps, y):
+        # IN x (..., C) C-contiguous, mean/var/weight/bias (C,) (weight/bias may be None)
+        # OUT y (x's shape) = (x - mean) * (rstd * weight) + bias, rstd = 1/sqrt(var + eps)
+        C = x.shape[-1]
+        Q = x.size // C if C else 0
+        alpha = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+        if weight is not None:
+            alpha = alpha * weight
+        beta = np.zeros(C) if bias is None else bias.astype(np.float64)
+        scale_shift(x.reshape(1, Q, C), mean.astype(np.float64).reshape(1, C),
+                    alpha.reshape(1, C), beta.reshape(1, C), y.reshape(1, Q, C))
+    return channels_eval
+
+
+# Fused kernels beyond the reference contract: a backend may provide them (fastnorm_cy
+# does); otherwise they are composed from its contract kernels. channels_eval makes a
+# one-row eval BatchNorm one call: no NumPy temporaries for rstd/alpha/beta.
+FUSED = {"channels_eval": ("channels_scale_shift", _composed_channels_eval)}
+
+
 def _load(backend):
     """Import a backend's module and register its kernels; returns False if unavailable."""
     if backend in _LOADED:
@@ -90,6 +114,9 @@ def _load(backend):
             raise ValueError(f"backend must be one of {BACKENDS + ('cuda',)}, got {backend!r}")
         for name, fns in kernels.items():
             _TABLE[(name, backend)] = fns
+        for name, (base, compose) in FUSED.items():
+            if name not in kernels:
+                _TABLE[(name, backend)] = tuple(compose(k) for k in kernels[base])
         _LOADED.add(backend)
     return True
 

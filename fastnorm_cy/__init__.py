@@ -1,7 +1,8 @@
 """Cython backend: ahead-of-time kernels with explicit SIMD and runtime ISA dispatch.
 
 ``KERNELS = {name: (serial, parallel)}`` with the names and signatures of
-``fastnorm.reference`` (its module docstring is the contract). Importing this package raises
+``fastnorm.reference`` (its module docstring is the contract), plus ``channels_eval``
+(eval-mode normalization with fixed statistics, fused; see ``fastnorm._dispatch.FUSED``). Importing this package raises
 ImportError when the extension was not built (``pip install .`` warns and installs the Numba
 backend only); ``fastnorm._dispatch`` then falls back to Numba.
 """
@@ -11,6 +12,7 @@ from ._kernels import get_num_threads, info, set_num_threads
 KERNELS = {name: (getattr(_kernels, name), getattr(_kernels, name + "_parallel"))
            for name in ("rows_fwd", "rows_bwd", "rows_moments", "rows_scale_shift",
                         "rows_dot", "rows_bwd_apply", "channels_moments",
-                        "channels_scale_shift", "channels_dot", "channels_bwd_apply")}
+                        "channels_scale_shift", "channels_dot", "channels_bwd_apply",
+                        "channels_eval")}
 
 __all__ = ["KERNELS", "set_num_threads", "get_num_threads", "info"]

@@ -89,6 +89,12 @@ cdef extern from "_simd.h" nogil:
     void fn_ch_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
                              const double *m, const double *c1, const double *c2,
                              const double *c3, double *dx)
+    void fn_ch_eval_coefs_f32(const float *mean, const float *var, const float *w,
+                              const float *b, double eps, Py_ssize_t C, double *m, double *a,
+                              double *be)
+    void fn_ch_eval_coefs_f64(const double *mean, const double *var, const double *w,
+                              const double *b, double eps, Py_ssize_t C, double *m, double *a,
+                              double *be)
     void fn_ch_merge_moments(Py_ssize_t nb, Py_ssize_t h, Py_ssize_t Q, Py_ssize_t C,
                              const double *bmean, const double *bm2, double *mean,
                              double *m2)
@@ -760,3 +766,71 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
 def channels_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
     """Parallel channels_bwd_apply (contract: fastnorm.reference.channels_bwd_apply)."""
     _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, _par())
+
+
+# ------------------------------------------------------------------------ channels_eval
+# Not (yet) in the reference contract: eval-mode normalization with fixed statistics, fused
+# so that one-row inference (BN eval on (1, C)) is one call with no NumPy temporaries.
+# fastnorm._dispatch composes it from channels_scale_shift for backends without it.
+
+cdef void _ch_eval_t(const floating *x, const floating *mean, const floating *var,
+                     const floating *w, const floating *b, double eps, floating *y,
+                     double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
+                     int nt) noexcept nogil:
+    # IN x (P, Q, C), mean/var (C,), w/b (C,)|NULL   OUT y = (x - mean) * (rstd * w) + b
+    # (the caller passes P = 1: coefficients are per channel only)
+    if floating is float:
+        fn_ch_eval_coefs_f32(mean, var, w, b, eps, C, buf, buf + C, buf + 2 * C)
+    else:
+        fn_ch_eval_coefs_f64(mean, var, w, b, eps, C, buf, buf + C, buf + 2 * C)
+    # coefficients are shared by every p: x is one (1, P*Q, C) block grid
+    _ch_scale_shift_t(x, buf, buf + C, buf + 2 * C, y, 1, P * Q, C, nt)
+
+
+cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
+    # x, y: (..., C), any number of leading dims (one (1, size/C, C) grid)
+    if not cnp.PyArray_Check(x):
+        raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+    cdef int nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if nd < 1:
+        raise ValueError("x must have at least 1 dimension")
+    cdef int t = _dtype(x, "x", nd)
+    cdef Py_ssize_t C = _dim(x, nd - 1), P = 1
+    cdef Py_ssize_t Q = cnp.PyArray_SIZE(<cnp.ndarray>x) // C if C else 0
+    if not (cnp.PyArray_Check(y) and cnp.PyArray_SAMESHAPE(<cnp.ndarray>x, <cnp.ndarray>y)):
+        raise ValueError(f"y must have the shape of x {x.shape}")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>y)):
+        raise ValueError("x and y must be C-contiguous")
+    # (Q, C) views of x and y (no copy: both are C-contiguous), kept alive in locals
+    xv = x if nd == 2 else x.reshape(Q, C)
+    yv = y if nd == 2 else y.reshape(Q, C)
+    cdef void *px = _data(xv, "x", t, 2, False, Q, C)
+    cdef void *py = _data(yv, "y", t, 2, True, Q, C)
+    cdef void *pm = _data(mean, "mean", t, 1, False, C)
+    cdef void *pv = _data(var, "var", t, 1, False, C)
+    cdef void *pw = _opt(weight, "weight", t, 1, False, C)
+    cdef void *pb = _opt(bias, "bias", t, 1, False, C)
+    cdef double *buf = <double *>malloc(max(1, 3 * C) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    with nogil:
+        if t == _F32:
+            _ch_eval_t(<const float *>px, <const float *>pm, <const float *>pv,
+                       <const float *>pw, <const float *>pb, eps, <float *>py, buf, P, Q, C,
+                       nt)
+        else:
+            _ch_eval_t(<const double *>px, <const double *>pm, <const double *>pv,
+                       <const double *>pw, <const double *>pb, eps, <double *>py, buf, P, Q,
+                       C, nt)
+    free(buf)
+
+
+def channels_eval(x, mean, var, weight, bias, eps, y):
+    """Serial channels_eval: y = (x - mean) * (rstd * weight) + bias, rstd from var."""
+    _channels_eval(x, mean, var, weight, bias, eps, y, 1)
+
+
+def channels_eval_parallel(x, mean, var, weight, bias, eps, y):
+    """Parallel channels_eval: y = (x - mean) * (rstd * weight) + bias, rstd from var."""
+    _channels_eval(x, mean, var, weight, bias, eps, y, _par())

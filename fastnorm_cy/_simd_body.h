@@ -294,3 +294,20 @@ FN_CLONES static void FN_NAME(fn_ch_bwd_apply)(const FN_T *dy, const FN_T *x, pt
             dxr[c] = (FN_T)(c1[c] * (double)dyr[c] + c2[c] * ((double)xr[c] - m[c]) + c3[c]);
     }
 }
+
+/* Eval-mode coefficients from fixed statistics (channels_eval): IN mean/var (C,), w/b (C,)
+ * or NULL, eps   OUT m, a, be (C,) float64, so that y = (x - m) * a + be. The same
+ * operations as the API's NumPy path: rstd = 1 / sqrt(var + eps), a = rstd * w. */
+FN_CLONES static void FN_NAME(fn_ch_eval_coefs)(const FN_T *mean, const FN_T *var,
+                                                const FN_T *w, const FN_T *b, double eps,
+                                                ptrdiff_t C, double *m, double *a, double *be)
+{
+    ptrdiff_t c;
+#pragma omp simd
+    for (c = 0; c < C; c++) {
+        double rs = 1.0 / sqrt((double)var[c] + eps);
+        m[c] = (double)mean[c];
+        a[c] = w == NULL ? rs : rs * (double)w[c];
+        be[c] = b == NULL ? 0.0 : (double)b[c];
+    }
+}

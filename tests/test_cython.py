@@ -183,6 +183,55 @@ def test_constant_row_gives_exactly_beta():
     np.testing.assert_array_equal(y, np.broadcast_to(b, y.shape))
 
 
+@needs_cy
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1024), (3, 5, 7), (70000, 3), (4,)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_channels_eval_matches_oracle_and_composed_kernels(shape, dtype, affine):
+    # fused eval-mode kernel (fastnorm_cy only) vs the BN eval oracle, and vs the kernel
+    # fastnorm._dispatch composes for the other backends: built on Cython's own
+    # channels_scale_shift, the composition gives the same bits as the fused kernel
+    rng = np.random.default_rng(11)
+    C = shape[-1]
+    x = (1e4 + rng.standard_normal(shape)).astype(dtype)
+    rm = (1e4 + rng.standard_normal(C)).astype(dtype)
+    rv = rng.uniform(0.5, 2, C).astype(dtype)
+    w = rng.normal(1, 0.3, C).astype(dtype) if affine else None
+    b = rng.normal(0, 0.3, C).astype(dtype) if affine else None
+    outs = []
+    for backend in fn.available_backends():
+        _dispatch.resolve(backend)
+        for k in _dispatch._TABLE[("channels_eval", backend)]:
+            y = np.full_like(x, np.nan)
+            k(x, rm, rv, w, b, 1e-5, y)
+            outs.append((backend, y))
+    composed = _dispatch._composed_channels_eval(cy.KERNELS["channels_scale_shift"][0])
+    y = np.full_like(x, np.nan)
+    composed(x, rm, rv, w, b, 1e-5, y)
+    np.testing.assert_array_equal(outs[0][1], y, err_msg="fused vs composed")
+    xc = np.moveaxis(x.reshape(-1, C), -1, 0)[None] if x.ndim > 1 else x.reshape(1, C, 1)
+    expected = reference.batch_norm(xc, rm, rv, w, b, training=False)[0]
+    expected = np.moveaxis(expected[0], 0, -1).reshape(shape)
+    for backend, y in outs:
+        np.testing.assert_allclose(y, expected, rtol=0, atol=1e-2 if dtype == np.float32
+                                   else 1e-10, err_msg=backend)
+
+
+@needs_cy
+def test_channels_eval_checks_arguments():
+    k = cy.KERNELS["channels_eval"][0]
+    x, v = np.zeros((2, 4)), np.ones(4)
+    k(x, v, v, None, None, 1e-5, np.empty_like(x))
+    with pytest.raises(ValueError, match="y"):
+        k(x, v, v, None, None, 1e-5, np.empty((4, 2)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        k(np.zeros((4, 2)).T, v, v, None, None, 1e-5, np.empty((2, 4)))
+    with pytest.raises(ValueError, match="var"):
+        k(x, v, np.ones(3), None, None, 1e-5, np.empty_like(x))
+    with pytest.raises(TypeError, match="weight"):
+        k(x, v, v, v.astype(np.float32), None, 1e-5, np.empty_like(x))
+
+
 # ------------------------------------------------------------------------ argument checks
 
 @needs_cy
@@ -244,7 +293,7 @@ def test_bad_arguments_raise_naming_the_argument(kernel):
 
 @needs_cy
 def test_module_contract():
-    assert set(cy.KERNELS) == set(reference.KERNELS)
+    assert set(cy.KERNELS) == set(reference.KERNELS) | set(_dispatch.FUSED)
     assert all(callable(s) and callable(p) and s is not p for s, p in cy.KERNELS.values())
     info = cy.info()
     assert info["simd_clone"].split()[0] in ("x86-64-v4", "x86-64-v3", "default", "portable")
