@@ -225,7 +225,7 @@ class Module:
             torch's key names. Values of another float dtype are cast (as torch does);
             shapes must match exactly.
         strict : bool
-            Raise ``KeyError`` on missing or unexpected keys (default, as torch).
+            Raise ``ValueError`` on missing or unexpected keys (default, as torch).
 
         Returns
         -------
@@ -233,7 +233,7 @@ class Module:
 
         Raises
         ------
-        KeyError on missing/unexpected keys with ``strict``; ValueError naming the key on a
+        ValueError on missing/unexpected keys with ``strict``, and naming the key on a
         shape mismatch (nothing is copied then).
 
         Examples
@@ -252,7 +252,7 @@ class Module:
         missing = [k for k in slots if k not in state_dict]
         unexpected = [k for k in state_dict if k not in slots]
         if strict and (missing or unexpected):
-            raise KeyError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+            raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}: "
                            f"missing keys {missing}, unexpected keys {unexpected}")
         staged = []
         for key, (dest, _, _) in slots.items():

@@ -194,9 +194,9 @@ def test_state_dict_round_trip_and_strict_errors():
     sd["0.weight"][:] = 99                               # a copy, not a view
     assert not np.any(a[0].weight.data == 99)
 
-    with pytest.raises(KeyError, match="missing keys \\['1.running_var'\\]"):
+    with pytest.raises(ValueError, match="missing keys \\['1.running_var'\\]"):
         b.load_state_dict({k: v for k, v in sd.items() if k != "1.running_var"})
-    with pytest.raises(KeyError, match="unexpected keys \\['extra'\\]"):
+    with pytest.raises(ValueError, match="unexpected keys \\['extra'\\]"):
         b.load_state_dict({**sd, "extra": np.zeros(1)})
     bad = dict(sd)
     bad["3.weight"] = np.zeros((3, 5), np.float32)
