@@ -183,6 +183,29 @@ cdef void *_data(object a, str name, int t, int ndim, bint write,
     return cnp.PyArray_DATA(arr)
 
 
+cdef int _disjoint_or_same(object out, object a, str name, str other) except -1:
+    """ValueError when ``out`` overlaps ``a`` without being ``a`` itself (C-contiguous)."""
+    cdef cnp.ndarray o = <cnp.ndarray>out, i = <cnp.ndarray>a
+    cdef char *po = cnp.PyArray_BYTES(o)
+    cdef char *pi = cnp.PyArray_BYTES(i)
+    if po == pi and cnp.PyArray_NBYTES(o) == cnp.PyArray_NBYTES(i):
+        return 0
+    if po < pi + cnp.PyArray_NBYTES(i) and pi < po + cnp.PyArray_NBYTES(o):
+        raise ValueError(f"{name} overlaps {other} without being {other} itself")
+    return 0
+
+
+cdef int _disjoint(object out, object a, str name, str other) except -1:
+    """ValueError when ``out`` shares any memory with ``a`` (C-contiguous arrays)."""
+    cdef cnp.ndarray o = <cnp.ndarray>out, i = <cnp.ndarray>a
+    cdef char *po = cnp.PyArray_BYTES(o)
+    cdef char *pi = cnp.PyArray_BYTES(i)
+    if (cnp.PyArray_NBYTES(o) and cnp.PyArray_NBYTES(i) and po < pi + cnp.PyArray_NBYTES(i)
+            and pi < po + cnp.PyArray_NBYTES(o)):
+        raise ValueError(f"{name} must not share memory with {other}")
+    return 0
+
+
 cdef inline void *_opt(object a, str name, int t, int ndim, bint write,
                        Py_ssize_t n0, Py_ssize_t n1=0) except? NULL:
     """NULL for None, else ``_data``."""
@@ -634,6 +657,7 @@ cdef _channels_scale_shift(x, mean, alpha, beta, y, int nt):
     cdef const double *pa = <const double *>_data(alpha, "alpha", _F64, 2, False, P, C)
     cdef const double *pb = <const double *>_data(beta, "beta", _F64, 2, False, P, C)
     cdef void *py = _data(y, "y", t, 3, True, P, Q, C)
+    _disjoint_or_same(y, x, "y", "x")
     with nogil:
         if t == _F32:
             _ch_scale_shift_t(<const float *>px, pm, pa, pb, <float *>py, P, Q, C, nt)
@@ -749,6 +773,8 @@ cdef _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
     cdef const double *p2 = <const double *>_data(c2, "c2", _F64, 2, False, P, C)
     cdef const double *p3 = <const double *>_data(c3, "c3", _F64, 2, False, P, C)
     cdef void *pdx = _data(dx, "dx", t, 3, True, P, Q, C)
+    _disjoint(dx, dy, "dx", "dy")
+    _disjoint(dx, x, "dx", "x")
     with nogil:
         if t == _F32:
             _ch_bwd_apply_t(<const float *>pdy, <const float *>px, pm, p1, p2, p3,
@@ -807,6 +833,7 @@ cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
     yv = y if nd == 2 else y.reshape(Q, C)
     cdef void *px = _data(xv, "x", t, 2, False, Q, C)
     cdef void *py = _data(yv, "y", t, 2, True, Q, C)
+    _disjoint_or_same(y, x, "y", "x")
     cdef void *pm = _data(mean, "mean", t, 1, False, C)
     cdef void *pv = _data(var, "var", t, 1, False, C)
     cdef void *pw = _opt(weight, "weight", t, 1, False, C)

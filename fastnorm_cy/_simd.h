@@ -40,6 +40,12 @@
 #define FN_DEBUG_CHECKS 0
 #endif
 
+#if defined(__GNUC__) || defined(_MSC_VER)
+#define FN_RESTRICT __restrict
+#else
+#define FN_RESTRICT
+#endif
+
 #define FN_INLINE static inline __attribute__((always_inline))
 #define FN_BLOCK 4096 /* elements per block of a long row, as fastnorm/_numba/_jit.py */
 

@@ -235,6 +235,18 @@ def test_channels_eval_checks_arguments():
 # ------------------------------------------------------------------------ argument checks
 
 @needs_cy
+def test_in_place_scale_shift():
+    # y is x (out=input in the API): allowed, and the same result as out of place
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 50, 24)).astype(np.float32)
+    coef = [rng.standard_normal((2, 24)) for _ in range(3)]
+    y = np.empty_like(x)
+    cy.KERNELS["channels_scale_shift"][0](x, *coef, y)
+    cy.KERNELS["channels_scale_shift"][0](x, *coef, x)
+    np.testing.assert_array_equal(x, y)
+
+
+@needs_cy
 def test_read_only_inputs_are_accepted():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 16)).astype(np.float32)
@@ -284,6 +296,14 @@ def test_bad_arguments_raise_naming_the_argument(kernel):
     with pytest.raises(ValueError, match="dw_part"):
         cy.KERNELS["rows_bwd"][kernel](x, x, ok["mean"], ok["rstd"], None, False,
                                        np.empty_like(x), np.empty((2, 5)), None)
+    x3 = np.zeros((1, 4, 6), np.float32)
+    with pytest.raises(ValueError, match="overlaps x"):      # partial overlap, not in place
+        big = np.zeros(30, np.float32)
+        cy.KERNELS["channels_scale_shift"][kernel](big[:24].reshape(1, 4, 6), np.zeros((1, 6)),
+                                                   np.ones((1, 6)), np.zeros((1, 6)),
+                                                   big[6:].reshape(1, 4, 6))
+    with pytest.raises(ValueError, match="dx must not share memory with dy"):
+        cy.KERNELS["channels_bwd_apply"][kernel](x3, x3.copy(), *np.zeros((4, 1, 6)), x3)
     with pytest.raises(ValueError, match="sum_dyxc"):
         cy.KERNELS["channels_dot"][kernel](x[None], x[None], np.zeros((1, 6)),
                                            np.empty((1, 6)), np.empty((1, 5)))
