@@ -203,6 +203,25 @@ def get_num_threads():
     return _num_threads[0]
 
 
+def fast_kernel(name, backend, work):
+    """resolve(backend) + kernel(name, ...) in one call, for the API's one-call fast paths;
+    None when the call belongs to the CUDA path (the general path routes it)."""
+    if backend is None:
+        backend = _current.get() or default_backend()
+    if backend not in _LOADED:
+        if backend == "cuda":
+            return None
+        resolve(backend)  # loads it, or raises ValueError
+    serial, parallel = _TABLE[(name, backend)]
+    n = _num_threads[0]
+    if work < PARALLEL_MIN or n == 1 or _forked[0]:
+        return serial
+    mod = _MODS.get(backend)
+    if mod is not None and mod.get_num_threads() != n:
+        mod.set_num_threads(n)
+    return parallel
+
+
 def kernel(name, backend, work):
     """The function to call for kernel ``name`` on ``backend`` for ``work`` elements."""
     serial, parallel = _TABLE[(name, backend)]
