@@ -2,12 +2,18 @@
 
 ``KERNELS = {name: (serial, parallel)}`` with the names and signatures of
 ``fastnorm.reference`` (its module docstring is the contract), plus ``channels_eval``
-(eval-mode normalization with fixed statistics, fused; see ``fastnorm._dispatch.FUSED``). Importing this package raises
-ImportError when the extension was not built (``pip install .`` warns and installs the Numba
-backend only); ``fastnorm._dispatch`` then falls back to Numba.
+(eval-mode normalization with fixed statistics, fused; see ``fastnorm._dispatch.FUSED``).
+Importing this package raises ImportError when the extension was not built (``pip install .``
+warns and installs the Numba backend only); ``fastnorm._dispatch`` then falls back to Numba.
 """
-from . import _kernels
-from ._kernels import get_num_threads, info, set_num_threads
+try:
+    from . import _kernels
+except ImportError as e:  # the extension was not compiled (the message is misleading)
+    raise ImportError("the Cython backend is not built: its C extension failed to compile at "
+                      "install time (`pip install -v .` shows why) or this source checkout "
+                      "has not run `python setup.py build_ext --inplace`; fastnorm uses "
+                      "Numba instead") from e
+from ._kernels import get_num_threads, info, set_num_threads  # noqa: E402
 
 KERNELS = {name: (getattr(_kernels, name), getattr(_kernels, name + "_parallel"))
            for name in ("rows_fwd", "rows_bwd", "rows_moments", "rows_scale_shift",
