@@ -34,23 +34,24 @@ helper = njit(inline="always", **OPTS)
 
 
 @helper
-def block_moments(x):
-    """Corrected two-pass mean and M2 of a contiguous block held in cache, in x's dtype lanes.
+def block_moments(x, zero):
+    """Corrected two-pass mean and M2 of a contiguous block held in cache.
 
-    Pass 1 finds a pilot mean; pass 2 sums d = x - pilot and d*d and corrects:
-    mean = pilot + sum(d)/n, M2 = sum(d*d) - sum(d)**2/n (Chan, Golub & LeVeque). The float32
-    accumulators only ever hold deviations, so twice the SIMD width of float64 costs no
-    accuracy (tests/test_accuracy.py: x = 1e4 + N(0, 1) in float32).
+    Pass 1 finds a pilot mean (in x's dtype); pass 2 sums d = x - pilot and d*d and corrects:
+    mean = pilot + sum(d)/n, M2 = sum(d*d) - sum(d)**2/n (Chan, Golub & LeVeque).
+    Accumulators have the type of ``zero``: 0.0 (float64) where the loop is memory-bound and
+    float64 is free; x's own dtype in the cache-resident layer-norm row, where float32 lanes
+    are twice as wide and only ever hold deviations (~1e-7 relative).
     """
     n = x.size
-    s = x.dtype.type(0)
+    s = zero
     for i in range(n):
         s += x[i]
     pilot = x.dtype.type(s / n)
-    s1 = x.dtype.type(0)
-    s2 = x.dtype.type(0)
+    s1 = zero
+    s2 = zero
     for i in range(n):
-        d = x[i] - pilot
+        d = zero + (x[i] - pilot)
         s1 += d
         s2 += d * d
     mean = np.float64(pilot) + np.float64(s1) / n
@@ -73,16 +74,16 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @helper
-def row_moments(x):
+def row_moments(x, zero):
     """Mean and M2 of a contiguous 1-D row: blocks of BLOCK merged left to right."""
     n = x.size
     if n <= BLOCK:
-        return block_moments(x)
+        return block_moments(x, zero)
     cnt = 0.0
     mean = 0.0
     m2 = 0.0
     for lo in range(0, n, BLOCK):
         xb = x[lo:lo + BLOCK]
-        mb, m2b = block_moments(xb)
+        mb, m2b = block_moments(xb, zero)
         cnt, mean, m2 = chan_merge(cnt, mean, m2, np.float64(xb.size), mb, m2b)
     return mean, m2
