@@ -1,10 +1,13 @@
 """One body over op x backend x dtype x layout x shape: the API against the float64 oracles.
 
 Each case runs forward (output, statistics, running statistics), backward (grad_x,
-grad_weight, grad_bias) and out= against ``fastnorm.reference``. Failure messages name the
+grad_weight, grad_bias) and out= against ``fastnorm.reference``. The backward oracle gets the
+statistics the API returned (float32 for float32 input), so it checks the backward kernels
+themselves; the statistics are checked against the oracle's separately. Failure messages name the
 op, backend, dtype, shape, axis and memory layout.
 """
 import itertools
+import zlib
 
 import numpy as np
 import pytest
@@ -61,14 +64,14 @@ def run_op(name, x, axis, w, b, backend, rng, out=None):
                                 return_stats=True, backend=backend)
         yo, mo, ro = ref.batch_norm(x, rm2, rv2, w, b, True, 0.1, 1e-5, axis=axis)
         g = fn.batch_norm_backward(dy, x, m, r, w, axis=axis, backend=backend)
-        go = ref.batch_norm_backward(dy, x, mo, ro, w, axis=axis)
+        go = ref.batch_norm_backward(dy, x, m, r, w, axis=axis)
         pairs.update(running_mean=(rm, rm2), running_var=(rv, rv2))
         # eval mode forward and backward with the updated running statistics
         ye, me, re_ = fn.batch_norm(x, rm, rv, w, b, False, axis=axis, return_stats=True,
                                     backend=backend)
         yeo, meo, reo = ref.batch_norm(x, rm, rv, w, b, False, axis=axis)
         ge = fn.batch_norm_backward(dy, x, me, re_, w, False, axis=axis, backend=backend)
-        geo = ref.batch_norm_backward(dy, x, meo, reo, w, False, axis=axis)
+        geo = ref.batch_norm_backward(dy, x, me, re_, w, False, axis=axis)
         pairs.update(eval_y=(ye, yeo), eval_grad_x=(ge[0], geo[0]),
                      eval_grad_weight=(ge[1], geo[1]))
     elif name == "instance_norm":
@@ -78,7 +81,7 @@ def run_op(name, x, axis, w, b, backend, rng, out=None):
                                    return_stats=True, backend=backend)
         yo, mo, ro = ref.instance_norm(x, rm2, rv2, w, b, True, 0.1, 1e-5, axis=axis)
         g = fn.instance_norm_backward(dy, x, m, r, w, axis=axis, backend=backend)
-        go = ref.instance_norm_backward(dy, x, mo, ro, w, axis=axis)
+        go = ref.instance_norm_backward(dy, x, m, r, w, axis=axis)
         pairs.update(running_mean=(rm, rm2), running_var=(rv, rv2))
         ye = fn.instance_norm(x, rm, rv, w, b, False, axis=axis, backend=backend)
         pairs.update(eval_y=(ye, ref.instance_norm(x, rm, rv, w, b, False, axis=axis)[0]))
@@ -88,21 +91,21 @@ def run_op(name, x, axis, w, b, backend, rng, out=None):
                                 backend=backend)
         yo, mo, ro = ref.group_norm(x, G, w, b, 1e-5, axis=axis)
         g = fn.group_norm_backward(dy, x, m, r, w, num_groups=G, axis=axis, backend=backend)
-        go = ref.group_norm_backward(dy, x, mo, ro, w, G, axis=axis)
+        go = ref.group_norm_backward(dy, x, m, r, w, G, axis=axis)
     elif name == "layer_norm":
         ns = x.shape[x.ndim - axis:]
         y, m, r = fn.layer_norm(x, ns, w, b, 1e-5, out=out, return_stats=True,
                                 backend=backend)
         yo, mo, ro = ref.layer_norm(x, ns, w, b, 1e-5)
         g = fn.layer_norm_backward(dy, x, m, r, w, backend=backend)
-        go = ref.layer_norm_backward(dy, x, mo, ro, w)
+        go = ref.layer_norm_backward(dy, x, m, r, w)
     elif name == "rms_norm":
         ns = x.shape[x.ndim - axis:]
         y, r = fn.rms_norm(x, ns, w, 1e-6, out=out, return_stats=True, backend=backend)
         yo, ro = ref.rms_norm(x, ns, w, 1e-6)
         m = mo = None
         g = fn.rms_norm_backward(dy, x, r, w, backend=backend) + (None,)
-        gx, gwo = ref.rms_norm_backward(dy, x, ro, w)
+        gx, gwo = ref.rms_norm_backward(dy, x, r, w)
         go = (gx, gwo, None)
     pairs.update(y=(y, yo), rstd=(r, ro), grad_x=(g[0], go[0]), grad_weight=(g[1], go[1]))
     if m is not None:
@@ -123,7 +126,7 @@ def _param_shape(name, shape, axis):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name,shape,axis", list(_cases()))
 def test_matches_reference(name, shape, axis, layout, dtype, backend):
-    rng = np.random.default_rng(abs(hash((name, shape, axis, layout))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((name, shape, axis, layout)).encode()))
     stat_axis = axis if name not in ("layer_norm", "rms_norm") else 1
     x = hostile(rng, shape, dtype, offset=3.0, layout=layout, axis=stat_axis)
     w, b = _params(rng, _param_shape(name, shape, axis))
