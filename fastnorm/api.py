@@ -489,6 +489,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                          f"got input size {x.shape}")
     y, final = _output(out, x, lay)
     xv, yv = lay.view(xw, shape), lay.view(y, shape)
+    if use_input_stats and kind == "rows" and x.size and not update:
+        # channels-first without running statistics: one fused pass per (n, c) row
+        mean, rstd = _grouped_forward(xw, y, lay, (N * C, 1, S), w, b, eps, C, backend)
+        y = _finish(y, final)
+        return (y, mean.reshape(N, C), rstd.reshape(N, C)) if return_stats else y
     if use_input_stats:
         if x.size:
             mean, m2 = _moments(kind, xv, backend)
@@ -510,6 +515,18 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                      backend)
     y = _finish(y, final)
     return (y,) + _stats_out(T, mean, rstd) if return_stats else y
+
+
+def _grouped_forward(xw, y, lay, shape, w, b, eps, G, backend):
+    """rows_fwd_grouped on the (R, K, S) view; weight/bias (C,) seen as (G, K)."""
+    T = xw.dtype
+    R, K, _ = shape
+    mean, rstd = np.empty(R, T), np.empty(R, T)
+    wg = None if w is None else np.asarray(w, T).reshape(G, K)
+    bg = None if b is None else np.asarray(b, T).reshape(G, K)
+    _run("rows_fwd_grouped", backend, lay.view(xw, shape), wg, bg, eps, lay.view(y, shape),
+         mean, rstd)
+    return mean, rstd
 
 
 def _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, groups,
@@ -616,13 +633,14 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     xw, lay, kind, N, C, S, shape = _nc_view(x, ax)
     y, final = _output(out, x, lay)
     cg = C // G
-    if x.size:
-        if kind == "rows":  # stats on (N*G, C/G*S) rows: a reshape of (N*C, S)
-            mean, m2 = _moments("rows", lay.view(xw, (N * G, cg * S)), backend)
-            mean, m2 = mean.reshape(N, G), m2.reshape(N, G)
-        else:               # per (n, c) columns, then merged into groups of C/G columns
-            mean, m2 = _moments("channels", lay.view(xw, shape), backend)
-            mean, m2 = geo.merge_equal(mean.reshape(N, G, cg), m2.reshape(N, G, cg), S, 2)
+    if x.size and kind == "rows":
+        # channels-first: one fused pass per (sample, group) row of C/G*S, read once
+        mean, rstd = _grouped_forward(xw, y, lay, (N * G, cg, S), w, b, eps, G, backend)
+        y = _finish(y, final)
+        return (y, mean.reshape(N, G), rstd.reshape(N, G)) if return_stats else y
+    if x.size:              # per (n, c) columns, then merged into groups of C/G columns
+        mean, m2 = _moments("channels", lay.view(xw, shape), backend)
+        mean, m2 = geo.merge_equal(mean.reshape(N, G, cg), m2.reshape(N, G, cg), S, 2)
     else:
         mean = m2 = np.full((N, G), np.nan)
     rstd = 1.0 / np.sqrt(np.maximum(m2 / (cg * S), 0.0) + eps)

@@ -16,6 +16,9 @@ into the arrays passed in, nothing is returned.
 
     rows (x is (R, M), statistics per row)
       rows_fwd(x, weight|None, bias|None, eps, rms, y, mean, rstd)     mean, rstd: (R,) T
+      rows_fwd_grouped(x, weight|None, bias|None, eps, y, mean, rstd)
+          x, y: (R, K, S), statistics per row over (K, S); weight/bias (G, K): row r, segment
+          k is scaled by weight[r % G, k] (instance norm (N*C, 1, S), group norm (N*G, C/G, S))
       rows_bwd(dy, x, mean, rstd, weight|None, rms, dx, dw_part|None, db_part|None)
           dw_part, db_part: (B, M) f64, B row blocks (block b = rows [b*R//B, (b+1)*R//B))
       rows_moments(x, mean, m2)                      (R,) f64: mean and sum((x - mean)**2)
@@ -285,6 +288,25 @@ def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
     rstd[...] = r
 
 
+def rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
+    # x, y: (R, K, S)   weight, bias: (G, K) or None   mean, rstd: (R,)
+    R, K, S = x.shape
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=(1, 2))
+    xc = x64 - mu[:, None, None]
+    r = 1.0 / np.sqrt((xc * xc).mean(axis=(1, 2)) + eps)
+    out = xc * r[:, None, None]
+    rows = np.arange(R) % (1 if weight is None and bias is None else
+                           (weight if weight is not None else bias).shape[0])
+    if weight is not None:
+        out *= weight[rows][:, :, None]
+    if bias is not None:
+        out += bias[rows][:, :, None]
+    y[...] = out
+    mean[...] = mu
+    rstd[...] = r
+
+
 def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
     # dy, x, dx: (R, M)   mean, rstd: (R,)   dw_part, db_part: (B, M) float64 or None
     dy64 = dy.astype(np.float64)
@@ -348,6 +370,6 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
     dx[...] = c1[:, None, :] * dy + c2[:, None, :] * xc + c3[:, None, :]
 
 
-KERNELS = ("rows_fwd", "rows_bwd", "rows_moments", "rows_scale_shift", "rows_dot",
+KERNELS = ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift", "rows_dot",
            "rows_bwd_apply", "channels_moments", "channels_scale_shift", "channels_dot",
            "channels_bwd_apply")

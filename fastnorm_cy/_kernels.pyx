@@ -44,6 +44,12 @@ cdef extern from "_simd.h" nogil:
     void fn_rows_fwd_f64(const double *x, Py_ssize_t M, const double *w, const double *b,
                          double eps, int rms, double *y, double *mean, double *rstd,
                          Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_fwd_grouped_f32(const float *x, Py_ssize_t K, Py_ssize_t S, Py_ssize_t G,
+                                 const float *w, const float *b, double eps, float *y,
+                                 float *mean, float *rstd, Py_ssize_t lo, Py_ssize_t hi)
+    void fn_rows_fwd_grouped_f64(const double *x, Py_ssize_t K, Py_ssize_t S, Py_ssize_t G,
+                                 const double *w, const double *b, double eps, double *y,
+                                 double *mean, double *rstd, Py_ssize_t lo, Py_ssize_t hi)
     void fn_rows_bwd_f32(const float *dy, const float *x, const float *mean,
                          const float *rstd, const float *w, int rms, Py_ssize_t M, float *dx,
                          double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi)
@@ -282,6 +288,68 @@ def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
 def rows_fwd_parallel(x, weight, bias, eps, rms, y, mean, rstd):
     """Parallel rows_fwd (contract: fastnorm.reference.rows_fwd)."""
     _rows_fwd(x, weight, bias, eps, rms, y, mean, rstd, _par())
+
+
+# ---------------------------------------------------------------- rows_fwd_grouped
+
+cdef inline void _rows_fwd_grouped_c(const floating *x, const floating *w, const floating *b,
+                                     double eps, floating *y, floating *mean, floating *rstd,
+                                     Py_ssize_t K, Py_ssize_t S, Py_ssize_t G, Py_ssize_t lo,
+                                     Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        fn_rows_fwd_grouped_f32(x, K, S, G, w, b, eps, y, mean, rstd, lo, hi)
+    else:
+        fn_rows_fwd_grouped_f64(x, K, S, G, w, b, eps, y, mean, rstd, lo, hi)
+
+
+cdef void _rows_fwd_grouped_t(const floating *x, const floating *w, const floating *b,
+                              double eps, floating *y, floating *mean, floating *rstd,
+                              Py_ssize_t R, Py_ssize_t K, Py_ssize_t S, Py_ssize_t G,
+                              int nt) noexcept nogil:
+    # IN x (R, K, S), w/b (G, K) or NULL   OUT y (R, K, S), mean/rstd (R,)
+    cdef Py_ssize_t k, step = _row_step(K * S), nch = (R + step - 1) // step
+    if nt > 1 and nch > 1:
+        for k in prange(nch, num_threads=nt, schedule="static"):
+            _rows_fwd_grouped_c(x, w, b, eps, y, mean, rstd, K, S, G, k * step,
+                                min(R, k * step + step))
+    else:
+        _rows_fwd_grouped_c(x, w, b, eps, y, mean, rstd, K, S, G, 0, R)
+
+
+cdef _rows_fwd_grouped(x, weight, bias, double eps, y, mean, rstd, int nt):
+    cdef int t = _dtype(x, "x", 3)
+    cdef Py_ssize_t R = _dim(x, 0), K = _dim(x, 1), S = _dim(x, 2)
+    cdef Py_ssize_t G = 1
+    if weight is not None:
+        G = _dim(weight, 0)
+    elif bias is not None:
+        G = _dim(bias, 0)
+    if G < 1:
+        raise ValueError("weight/bias must have at least one row")
+    cdef void *px = _data(x, "x", t, 3, False, R, K, S)
+    cdef void *pw = _opt(weight, "weight", t, 2, False, G, K)
+    cdef void *pb = _opt(bias, "bias", t, 2, False, G, K)
+    cdef void *py = _data(y, "y", t, 3, True, R, K, S)
+    cdef void *pm = _data(mean, "mean", t, 1, True, R)
+    cdef void *pr = _data(rstd, "rstd", t, 1, True, R)
+    _disjoint_or_same(y, x, "y", "x")
+    with nogil:
+        if t == _F32:
+            _rows_fwd_grouped_t(<const float *>px, <const float *>pw, <const float *>pb, eps,
+                                <float *>py, <float *>pm, <float *>pr, R, K, S, G, nt)
+        else:
+            _rows_fwd_grouped_t(<const double *>px, <const double *>pw, <const double *>pb,
+                                eps, <double *>py, <double *>pm, <double *>pr, R, K, S, G, nt)
+
+
+def rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
+    """Serial rows_fwd_grouped (contract: fastnorm.reference.rows_fwd_grouped)."""
+    _rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd, 1)
+
+
+def rows_fwd_grouped_parallel(x, weight, bias, eps, y, mean, rstd):
+    """Parallel rows_fwd_grouped (contract: fastnorm.reference.rows_fwd_grouped)."""
+    _rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd, _par())
 
 
 # ------------------------------------------------------------------------ rows_bwd

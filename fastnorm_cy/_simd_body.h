@@ -93,6 +93,39 @@ FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
     }
 }
 
+/* rows_fwd_grouped on rows [lo, hi): instance/group norm channels-first, the row of a
+ * (sample, group) read from memory once; channel k of row r scaled by w[(r % G) * K + k].
+ * IN x (R, K, S), w/b (G, K) or NULL, eps   OUT y (R, K, S), mean/rstd (R,) */
+FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, ptrdiff_t S,
+                                                   ptrdiff_t G, const FN_T *w, const FN_T *b,
+                                                   double eps, FN_T *y, FN_T *mean,
+                                                   FN_T *rstd, ptrdiff_t lo, ptrdiff_t hi)
+{
+    ptrdiff_t r, k, i, M = K * S;
+    for (r = lo; r < hi; r++) {
+        const FN_T *xr = x + r * M;
+        FN_T *yr = y + r * M;
+        const ptrdiff_t g = r % G;
+        double mu, m2, var, rs;
+        FN_NAME(fn_row_moments)(xr, M, &mu, &m2);
+        var = m2 / (double)M;
+        if (var < 0.0) /* clamp, but let NaN through */
+            var = 0.0;
+        rs = 1.0 / sqrt(var + eps);
+        for (k = 0; k < K; k++) {
+            const FN_T *xs = xr + k * S;
+            FN_T *ys = yr + k * S;
+            const double a = w ? rs * (double)w[g * K + k] : rs;
+            const double c = b ? (double)b[g * K + k] : 0.0;
+#pragma omp simd
+            for (i = 0; i < S; i++)
+                ys[i] = (FN_T)(((double)xs[i] - mu) * a + c);
+        }
+        mean[r] = (FN_T)mu;
+        rstd[r] = (FN_T)rs;
+    }
+}
+
 /* rows_bwd on rows [lo, hi) of one block; adds the block's weight/bias sums into dwb/dbb.
  * IN dy, x (R, M), mean/rstd (R,), w (M,) or NULL, rms
  * OUT dx (R, M); dwb/dbb (M,) float64 or NULL, zeroed by the caller */

@@ -58,6 +58,32 @@ def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
 
 
 @kernel
+def rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
+    # IN x (R, K, S), weight/bias (G, K) or None, eps   OUT y (R, K, S), mean/rstd (R,)
+    # Instance norm (N*C, 1, S) and group norm (N*G, C/G, S), channels-first: the row of a
+    # (sample, group) is read from memory once, as in rows_fwd; channel k of row r is scaled
+    # by weight[r % G, k].
+    R, K, S = x.shape
+    G = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else 1)
+    xf = x.reshape(R, K * S)
+    for r in prange(R):
+        mu, m2 = row_moments(xf[r], xf.dtype.type(0))   # row in cache: dtype lanes
+        r64 = 1.0 / np.sqrt(m2 / (K * S) + eps)
+        hi, lo = split(mu, xf)
+        rs = xf.dtype.type(r64)
+        g = r % G
+        for k in range(K):
+            xs = x[r, k]
+            ys = y[r, k]
+            a = rs if weight is None else rs * weight[g, k]
+            b = xf.dtype.type(0) if bias is None else bias[g, k]
+            for i in range(S):
+                ys[i] = ((xs[i] - hi) - lo) * a + b
+        mean[r] = mu
+        rstd[r] = r64
+
+
+@kernel
 def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
     # IN dy, x (R, M), mean/rstd (R,), weight (M,)|None   OUT dx (R, M),
     # dw_part/db_part (B, M) float64 | None: block b sums rows [b*R//B, (b+1)*R//B)
