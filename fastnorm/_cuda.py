@@ -274,6 +274,25 @@ def _rows_scale_shift_k(x, mean, alpha, beta, y):
 
 
 @cuda.jit
+def _grouped_coefs_k(m64, m2, weight, bias, eps, n, G, mean_rk, alpha_rk, beta_rk, mean,
+                     rstd):
+    # IN m64/m2 (R,) row moments over n elements, weight/bias (G, K) or None
+    # OUT mean_rk/alpha_rk/beta_rk (R*K,) per-segment scalars, mean/rstd (R,) x's dtype
+    R = m64.shape[0]
+    K = mean_rk.shape[0] // R
+    for j in range(cuda.grid(1), R * K, cuda.gridsize(1)):
+        r = j // K
+        k = j - r * K
+        rs = 1.0 / math.sqrt(max(m2[r] / n, 0.0) + eps)
+        mean_rk[j] = m64[r]
+        alpha_rk[j] = rs if weight is None else rs * weight[r % G, k]
+        beta_rk[j] = 0.0 if bias is None else bias[r % G, k]
+        if k == 0:
+            mean[r] = m64[r]
+            rstd[r] = rs
+
+
+@cuda.jit
 def _rows_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
     # IN dy, x (R, M), mean/c1/c2/c3 (R,)   OUT dx = c1*dy + c2*(x - mean) + c3
     R, M = x.shape
@@ -554,6 +573,18 @@ def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
     _per_row(_rows_fwd_k, *x.shape)(x, weight, bias, float(eps), bool(rms), y, mean, rstd)
 
 
+def rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
+    # composed on the device: row moments, per-segment scalars, then the rows apply
+    R, K, S = x.shape
+    m64, m2 = cuda.device_array(R), cuda.device_array(R)
+    rows_moments(x.reshape(R, K * S), m64, m2)
+    mean_rk, alpha_rk, beta_rk = (cuda.device_array(R * K) for _ in range(3))
+    G = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else 1)
+    _flat(_grouped_coefs_k, R * K)(m64, m2, weight, bias, float(eps), float(K * S), G,
+                                   mean_rk, alpha_rk, beta_rk, mean, rstd)
+    rows_scale_shift(x.reshape(R * K, S), mean_rk, alpha_rk, beta_rk, y.reshape(R * K, S))
+
+
 def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
     R, M = x.shape
     _per_row(_rows_bwd_dx_k, R, M)(dy, x, mean, rstd, weight, bool(rms), dx)
@@ -603,7 +634,7 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
 
 
 KERNELS = {name: (globals()[name],) * 2 for name in (
-    "rows_fwd", "rows_bwd", "rows_moments", "rows_scale_shift", "rows_dot", "rows_bwd_apply",
+    "rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift", "rows_dot", "rows_bwd_apply",
     "channels_moments", "channels_scale_shift", "channels_dot", "channels_bwd_apply")}
 
 

@@ -44,7 +44,53 @@ FN_INLINE void FN_NAME(fn_row_moments)(const FN_T *x, ptrdiff_t n, double *mu, d
 
 /* ------------------------------------------------------------------ rows kernels */
 
-/* rows_fwd on rows [lo, hi).
+/* Corrected two-pass mean and M2 of a block in FN_T lanes, for a row held in cache (layer
+ * norm): pilot mean, then sums of d = x - pilot and d*d, corrected (Chan, Golub & LeVeque).
+ * The float accumulators only hold deviations, so twice the SIMD width of double costs
+ * ~1e-7 relative; the same arithmetic as fastnorm/_numba/_jit.py block_moments. */
+FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_T *x, ptrdiff_t n, double *mu,
+                                               double *m2)
+{
+    FN_T s = 0, s1 = 0, s2 = 0, pilot;
+    double q;
+    ptrdiff_t i;
+#pragma omp simd reduction(+:s)
+    for (i = 0; i < n; i++)
+        s += x[i];
+    pilot = (FN_T)((double)s / (double)n);
+#pragma omp simd reduction(+:s1, s2)
+    for (i = 0; i < n; i++) {
+        const FN_T d = x[i] - pilot;
+        s1 += d;
+        s2 += d * d;
+    }
+    /* an inf in the block: the mean is that inf (or NaN), as NumPy */
+    *mu = isfinite(pilot) ? (double)pilot + (double)s1 / (double)n : (double)pilot;
+    q = (double)s2 - (double)s1 * (double)s1 / (double)n;
+    *m2 = q < 0.0 ? 0.0 : q; /* clamp, but let NaN through */
+}
+
+FN_INLINE void FN_NAME(fn_row_moments_lanes)(const FN_T *x, ptrdiff_t n, double *mu,
+                                             double *m2)
+{
+    double cnt = 0.0, mean = 0.0, s2 = 0.0, mb, m2b;
+    ptrdiff_t lo, nb;
+    if (n <= FN_BLOCK) {
+        FN_NAME(fn_block_moments_lanes)(x, n, mu, m2);
+        return;
+    }
+    for (lo = 0; lo < n; lo += FN_BLOCK) {
+        nb = n - lo < FN_BLOCK ? n - lo : FN_BLOCK;
+        FN_NAME(fn_block_moments_lanes)(x + lo, nb, &mb, &m2b);
+        fn_chan_merge(&cnt, &mean, &s2, (double)nb, mb, m2b);
+    }
+    *mu = mean;
+    *m2 = s2;
+}
+
+/* rows_fwd on rows [lo, hi): the row stays in cache between its passes (one read of x,
+ * one write of y), so the arithmetic runs in FN_T lanes: the mean split as hi + lo,
+ * y = ((x - hi) - lo) * (rstd * w) + b, as fastnorm/_numba/rows.py.
  * IN x (R, M), w/b (M,) or NULL, eps, rms   OUT y (R, M), mean/rstd (R,) */
 FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_T *w,
                                            const FN_T *b, double eps, int rms, FN_T *y,
@@ -54,42 +100,43 @@ FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
     for (r = lo; r < hi; r++) {
         const FN_T *xr = x + r * M;
         FN_T *yr = y + r * M;
-        double mu, var, rs;
+        double mu, var, rs64;
+        FN_T mhi, mlo, rs;
         if (rms) {
-            double ss = 0.0;
+            FN_T ss = 0;
 #pragma omp simd reduction(+:ss)
             for (i = 0; i < M; i++)
-                ss += (double)xr[i] * (double)xr[i];
+                ss += xr[i] * xr[i];
             mu = 0.0;
-            var = ss / (double)M;
+            var = (double)ss / (double)M;
         } else {
             double m2;
-            FN_NAME(fn_row_moments)(xr, M, &mu, &m2);
+            FN_NAME(fn_row_moments_lanes)(xr, M, &mu, &m2);
             var = m2 / (double)M;
-            if (var < 0.0) /* clamp, but let NaN through */
-                var = 0.0;
         }
-        rs = 1.0 / sqrt(var + eps);
-        /* Scalar math: y = (x - mean) * (rstd * w) + b, mean kept inside (no cancellation) */
+        rs64 = 1.0 / sqrt(var + eps);
+        mhi = (FN_T)mu;
+        mlo = (FN_T)(mu - (double)mhi);
+        rs = (FN_T)rs64;
         if (w == NULL && b == NULL) {
 #pragma omp simd
             for (i = 0; i < M; i++)
-                yr[i] = (FN_T)(((double)xr[i] - mu) * rs);
+                yr[i] = ((xr[i] - mhi) - mlo) * rs;
         } else if (w == NULL) {
 #pragma omp simd
             for (i = 0; i < M; i++)
-                yr[i] = (FN_T)(((double)xr[i] - mu) * rs + (double)b[i]);
+                yr[i] = ((xr[i] - mhi) - mlo) * rs + b[i];
         } else if (b == NULL) {
 #pragma omp simd
             for (i = 0; i < M; i++)
-                yr[i] = (FN_T)(((double)xr[i] - mu) * (rs * (double)w[i]));
+                yr[i] = ((xr[i] - mhi) - mlo) * (rs * w[i]);
         } else {
 #pragma omp simd
             for (i = 0; i < M; i++)
-                yr[i] = (FN_T)(((double)xr[i] - mu) * (rs * (double)w[i]) + (double)b[i]);
+                yr[i] = ((xr[i] - mhi) - mlo) * (rs * w[i]) + b[i];
         }
         mean[r] = (FN_T)mu;
-        rstd[r] = (FN_T)rs;
+        rstd[r] = (FN_T)rs64;
     }
 }
 
@@ -127,6 +174,8 @@ FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
 }
 
 /* rows_bwd on rows [lo, hi) of one block; adds the block's weight/bias sums into dwb/dbb.
+ * The row is in cache: FN_T lanes, one pass for the sums (and the weight/bias partials),
+ * one for dx, as fastnorm/_numba/rows.py.
  * IN dy, x (R, M), mean/rstd (R,), w (M,) or NULL, rms
  * OUT dx (R, M); dwb/dbb (M,) float64 or NULL, zeroed by the caller */
 FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const FN_T *mean,
@@ -139,46 +188,45 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
     for (r = lo; r < hi; r++) {
         const FN_T *xr = x + r * M, *dyr = dy + r * M;
         FN_T *dxr = dx + r * M;
-        double mu = (double)mean[r], rs = (double)rstd[r];
-        double sg = 0.0, sgx = 0.0, mg, mgx;
-        /* sums over the row of g = dy * w and g * xhat */
+        const FN_T mu = mean[r], rs = rstd[r];
+        FN_T sg = 0, sgx = 0, mg, mgx;
+        /* sums over the row of g = dy * w and g * xhat, xhat = (x - mean) * rstd */
         if (w == NULL) {
 #pragma omp simd reduction(+:sg, sgx)
             for (i = 0; i < M; i++) {
-                double g = (double)dyr[i];
+                const FN_T g = dyr[i];
                 sg += g;
-                sgx += g * (((double)xr[i] - mu) * rs);
+                sgx += g * ((xr[i] - mu) * rs);
             }
         } else {
 #pragma omp simd reduction(+:sg, sgx)
             for (i = 0; i < M; i++) {
-                double g = (double)dyr[i] * (double)w[i];
+                const FN_T g = dyr[i] * w[i];
                 sg += g;
-                sgx += g * (((double)xr[i] - mu) * rs);
+                sgx += g * ((xr[i] - mu) * rs);
             }
         }
         if (dwb != NULL) {
 #pragma omp simd
             for (i = 0; i < M; i++)
-                dwb[i] += (double)dyr[i] * (((double)xr[i] - mu) * rs);
+                dwb[i] += (double)(dyr[i] * ((xr[i] - mu) * rs));
         }
         if (dbb != NULL) {
 #pragma omp simd
             for (i = 0; i < M; i++)
                 dbb[i] += (double)dyr[i];
         }
-        mg = rms ? 0.0 : sg / (double)M;
-        mgx = sgx / (double)M;
+        mg = rms ? (FN_T)0 : (FN_T)((double)sg / (double)M);
+        mgx = (FN_T)((double)sgx / (double)M);
         /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (term 1, 2, 3) */
         if (w == NULL) {
 #pragma omp simd
             for (i = 0; i < M; i++)
-                dxr[i] = (FN_T)(rs * (((double)dyr[i] - mg) - ((double)xr[i] - mu) * rs * mgx));
+                dxr[i] = rs * ((dyr[i] - mg) - ((xr[i] - mu) * rs) * mgx);
         } else {
 #pragma omp simd
             for (i = 0; i < M; i++)
-                dxr[i] = (FN_T)(rs * (((double)dyr[i] * (double)w[i] - mg)
-                                      - ((double)xr[i] - mu) * rs * mgx));
+                dxr[i] = rs * ((dyr[i] * w[i] - mg) - ((xr[i] - mu) * rs) * mgx);
         }
     }
 }

@@ -84,6 +84,10 @@ def _kernel_cases(dtype):
         shapes += ((2, M), F) if parts in ("both", "db") else (None, None)
         for rms in (False, True):
             yield "rows_bwd", (dy, x, mean.astype(T), r.astype(T), wt, rms), shapes
+    xg = _data((4, 2, 5), dtype)  # (R, K, S): 4 rows of 2 segments, weights (G=2, K=2)
+    wg, bg = _data((2, 2), dtype, 1.0), _data((2, 2), dtype, 0.0)
+    for wb in ((wg, bg), (None, bg), (wg, None), (None, None)):
+        yield "rows_fwd_grouped", (xg, *wb, 1e-5), ((4, 2, 5), T, (4,), T, (4,), T)
     yield "rows_moments", (x,), ((R,), F, (R,), F)
     yield "rows_scale_shift", (x, mean, *pr[1:]), ((R, M), T)
     yield "rows_dot", (dy, x, mean), ((R,), F, (R,), F)

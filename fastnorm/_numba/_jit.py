@@ -55,8 +55,10 @@ def block_moments(x, zero):
         s1 += d
         s2 += d * d
     mean = np.float64(pilot) + np.float64(s1) / n
+    if not np.isfinite(pilot):  # an inf in the block: the mean is that inf (or NaN), as NumPy
+        mean = np.float64(pilot)
     m2 = np.float64(s2) - np.float64(s1) * np.float64(s1) / n
-    return mean, max(m2, 0.0)
+    return mean, max(m2, 0.0) if m2 == m2 else m2
 
 
 @helper
