@@ -12,7 +12,6 @@ process, and ``fastnorm.moments`` in one process. GB/s = bytes of x / median tim
 """
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -23,6 +22,7 @@ import dask.array as da
 import distributed
 
 import fastnorm
+from fastnorm._info import _cpu_model
 import fastnorm.dask as fdask
 from fastnorm.moments import moments
 
@@ -35,17 +35,6 @@ def timed(fn, repeat):
         out = fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():
@@ -66,7 +55,7 @@ def main():
     gb = nbytes / 1e9
     print(f"# fastnorm {fastnorm.__version__}, numpy {np.__version__}, dask {dask.__version__},"
           f" distributed {distributed.__version__}")
-    print(f"# CPU: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()}")
+    print(f"# CPU: {_cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()}")
     print(f"# x: ({rows}, {F}) float32 = {nbytes / 2**30:.2f} GiB, chunks ({crows}, {F}) = "
           f"{crows * F * 4 / 2**20:.0f} MiB, {-(-rows // crows)} chunks; statistics over axis 0;"
           f" median of {a.repeat}")

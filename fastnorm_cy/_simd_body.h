@@ -24,24 +24,6 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
     *m2 = q;
 }
 
-/* Mean and M2 of a contiguous row: blocks of FN_BLOCK merged left to right (Chan). */
-FN_INLINE void FN_NAME(fn_row_moments)(const FN_T *x, ptrdiff_t n, double *mu, double *m2)
-{
-    double cnt = 0.0, mean = 0.0, s2 = 0.0, mb, m2b;
-    ptrdiff_t lo, nb;
-    if (n <= FN_BLOCK) {
-        FN_NAME(fn_block_moments)(x, n, mu, m2);
-        return;
-    }
-    for (lo = 0; lo < n; lo += FN_BLOCK) {
-        nb = n - lo < FN_BLOCK ? n - lo : FN_BLOCK;
-        FN_NAME(fn_block_moments)(x + lo, nb, &mb, &m2b);
-        fn_chan_merge(&cnt, &mean, &s2, (double)nb, mb, m2b);
-    }
-    *mu = mean;
-    *m2 = s2;
-}
-
 /* ------------------------------------------------------------------ rows kernels */
 
 /* Corrected two-pass mean and M2 of a block in FN_T lanes, for a row held in cache (layer
@@ -70,18 +52,24 @@ FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_T *x, ptrdiff_t n, doubl
     *m2 = q < 0.0 ? 0.0 : q; /* clamp, but let NaN through */
 }
 
-FN_INLINE void FN_NAME(fn_row_moments_lanes)(const FN_T *x, ptrdiff_t n, double *mu,
-                                             double *m2)
+/* Mean and M2 of a contiguous row: blocks of FN_BLOCK merged left to right (Chan); each
+ * block in FN_T lanes (``lanes``: a row held in cache) or with float64 accumulation. */
+FN_INLINE void FN_NAME(fn_row_moments)(const FN_T *x, ptrdiff_t n, int lanes, double *mu,
+                                       double *m2)
 {
     double cnt = 0.0, mean = 0.0, s2 = 0.0, mb, m2b;
     ptrdiff_t lo, nb;
-    if (n <= FN_BLOCK) {
-        FN_NAME(fn_block_moments_lanes)(x, n, mu, m2);
-        return;
-    }
-    for (lo = 0; lo < n; lo += FN_BLOCK) {
+    for (lo = 0; lo < n || lo == 0; lo += FN_BLOCK) {
         nb = n - lo < FN_BLOCK ? n - lo : FN_BLOCK;
-        FN_NAME(fn_block_moments_lanes)(x + lo, nb, &mb, &m2b);
+        if (lanes)
+            FN_NAME(fn_block_moments_lanes)(x + lo, nb, &mb, &m2b);
+        else
+            FN_NAME(fn_block_moments)(x + lo, nb, &mb, &m2b);
+        if (n <= FN_BLOCK) { /* one block: no merge */
+            *mu = mb;
+            *m2 = m2b;
+            return;
+        }
         fn_chan_merge(&cnt, &mean, &s2, (double)nb, mb, m2b);
     }
     *mu = mean;
@@ -111,7 +99,7 @@ FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
             var = (double)ss / (double)M;
         } else {
             double m2;
-            FN_NAME(fn_row_moments_lanes)(xr, M, &mu, &m2);
+            FN_NAME(fn_row_moments)(xr, M, 1, &mu, &m2);
             var = m2 / (double)M;
         }
         rs64 = 1.0 / sqrt(var + eps);
@@ -154,7 +142,7 @@ FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
         FN_T *yr = y + r * M;
         const ptrdiff_t g = r % G;
         double mu, m2, var, rs;
-        FN_NAME(fn_row_moments)(xr, M, &mu, &m2);
+        FN_NAME(fn_row_moments)(xr, M, 0, &mu, &m2);
         var = m2 / (double)M;
         if (var < 0.0) /* clamp, but let NaN through */
             var = 0.0;
@@ -237,7 +225,7 @@ FN_CLONES static void FN_NAME(fn_rows_moments)(const FN_T *x, ptrdiff_t M, doubl
 {
     ptrdiff_t r;
     for (r = lo; r < hi; r++)
-        FN_NAME(fn_row_moments)(x + r * M, M, mean + r, m2 + r);
+        FN_NAME(fn_row_moments)(x + r * M, M, 0, mean + r, m2 + r);
 }
 
 /* rows_scale_shift on rows [lo, hi).
