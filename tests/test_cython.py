@@ -27,6 +27,10 @@ except ImportError as e:  # not built
 
 # CI sets FASTNORM_REQUIRE_CYTHON=1 (or CI=true): a missing extension is then a failure.
 REQUIRED = os.environ.get("FASTNORM_REQUIRE_CYTHON") == "1" or bool(os.environ.get("CI"))
+# child processes run from the folder holding the fastnorm this process imported, so they
+# import the same one (the installed package, not a source checkout without the extension)
+SAME_FASTNORM = os.path.dirname(os.path.dirname(os.path.abspath(fn.__file__)))
+
 needs_cy = pytest.mark.skipif(cy is None and not REQUIRED,
                               reason="fastnorm_cy is not built (pip install . builds it)")
 BIG = _dispatch.PARALLEL_MIN  # elements: inputs at least this large take the parallel path
@@ -328,7 +332,7 @@ def test_module_contract():
 @needs_cy
 def test_info_command_names_the_simd_clone_and_threading_layer():
     out = subprocess.run([sys.executable, "-m", "fastnorm", "info"], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=SAME_FASTNORM).stdout
     assert "cython.simd_clone" in out and cy.info()["simd_clone"] in out
     assert "threads" in out and "backends" in out
     assert "numba.threading_layer" in out
@@ -430,7 +434,7 @@ def test_import_is_lazy_and_first_cython_calls_are_fast():
     """)
     import json
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+                         check=True, cwd=SAME_FASTNORM).stdout
     res = json.loads(out)
     assert res["imported"] == [], f"import fastnorm imported {res['imported']}"
     assert not res["numba_after"], "the Cython path imported numba"
