@@ -246,7 +246,6 @@ def _scale_shift(kind, xv, yv, mean, alpha, beta, backend):
     _run(kind + "_scale_shift", backend, xv, mean, alpha, beta, yv)
 
 
-
 def _dot(kind, dyv, xv, mean, backend):
     sdy, sdx = np.empty(mean.shape), np.empty(mean.shape)
     _run(kind + "_dot", backend, dyv, xv, mean, sdy, sdx)
@@ -327,8 +326,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     alt = _other(backend, input, weight, bias, running_mean, running_var)
     if alt is not None:
         return alt.batch_norm(input, running_mean, running_var, weight, bias, training,
-                               momentum, eps, axis=axis, out=out, return_stats=return_stats,
-                               num_batches_tracked=num_batches_tracked, backend=backend)
+                              momentum, eps, axis=axis, out=out, return_stats=return_stats,
+                              num_batches_tracked=num_batches_tracked, backend=backend)
     x = _input(input, "input", 2)
     ax = _axis(axis, x.ndim)
     C, T = x.shape[ax], _compute_dtype(x)
@@ -464,9 +463,9 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     alt = _other(backend, input, weight, bias, running_mean, running_var)
     if alt is not None:
         return alt.instance_norm(input, running_mean, running_var, weight, bias,
-                                  use_input_stats, momentum, eps, axis=axis, out=out,
-                                  return_stats=return_stats,
-                                  num_batches_tracked=num_batches_tracked, backend=backend)
+                                 use_input_stats, momentum, eps, axis=axis, out=out,
+                                 return_stats=return_stats,
+                                 num_batches_tracked=num_batches_tracked, backend=backend)
     x = _input(input, "input", 2)
     ax = _axis(axis, x.ndim)
     if ax == 0:
@@ -613,7 +612,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     alt = _other(backend, input, weight, bias)
     if alt is not None:
         return alt.group_norm(input, num_groups, weight, bias, eps, axis=axis, out=out,
-                               return_stats=return_stats, backend=backend)
+                              return_stats=return_stats, backend=backend)
     x = _input(input, "input", 2)
     ax = _axis(axis, x.ndim)
     if ax == 0:
@@ -683,14 +682,19 @@ def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups,
 
 # --------------------------------------------------------------------- layer / RMS norm
 
-def _rows_shape(x, normalized_shape):
+def _as_shape(normalized_shape):
+    """normalized_shape (an int or a sequence of ints) as a tuple of ints."""
     if isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
     try:
-        ns = tuple(int(s) for s in normalized_shape)
+        return tuple(int(s) for s in normalized_shape)
     except TypeError:
         raise TypeError("normalized_shape must be an int or a tuple of ints, "
                         f"got {normalized_shape!r}") from None
+
+
+def _rows_shape(x, normalized_shape):
+    ns = _as_shape(normalized_shape)
     k = len(ns)
     if k == 0 or x.ndim < k or x.shape[x.ndim - k:] != ns:
         raise ValueError(f"Given normalized_shape={list(ns)}, expected input with shape "
@@ -777,7 +781,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     alt = _other(backend, input, weight, bias)
     if alt is not None:
         return alt.layer_norm(input, normalized_shape, weight, bias, eps, out=out,
-                               return_stats=return_stats, backend=backend)
+                              return_stats=return_stats, backend=backend)
     return _rows_forward(input, normalized_shape, weight, bias, eps, False, out,
                          return_stats, backend)
 
@@ -828,7 +832,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, return
     alt = _other(backend, input, weight)
     if alt is not None:
         return alt.rms_norm(input, normalized_shape, weight, eps, out=out,
-                             return_stats=return_stats, backend=backend)
+                            return_stats=return_stats, backend=backend)
     if eps is None:
         eps = float(np.finfo(_input(input).dtype).eps)
     return _rows_forward(input, normalized_shape, weight, None, eps, True, out, return_stats,

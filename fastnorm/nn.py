@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import autograd as ag
+from .api import _as_shape
 from .autograd import Tensor, no_grad
 
 __all__ = ["Parameter", "Module", "Sequential", "Linear", "CosineLinear", "ReLU", "Sigmoid",
@@ -687,13 +688,7 @@ class InstanceNorm3d(_InstanceNorm):
 
 
 def _norm_shape(normalized_shape):
-    if isinstance(normalized_shape, numbers.Integral):
-        normalized_shape = (normalized_shape,)
-    try:
-        ns = tuple(int(s) for s in normalized_shape)
-    except TypeError:
-        raise TypeError("normalized_shape must be an int or a tuple of ints, "
-                        f"got {normalized_shape!r}") from None
+    ns = _as_shape(normalized_shape)
     if not ns or min(ns) < 1:
         raise ValueError(f"normalized_shape must be non-empty and positive, got {ns}")
     return ns

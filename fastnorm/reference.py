@@ -370,6 +370,6 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
     dx[...] = c1[:, None, :] * dy + c2[:, None, :] * xc + c3[:, None, :]
 
 
-KERNELS = ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift", "rows_dot",
-           "rows_bwd_apply", "channels_moments", "channels_scale_shift", "channels_dot",
+KERNELS = ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift",
+           "rows_dot", "rows_bwd_apply", "channels_moments", "channels_scale_shift", "channels_dot",
            "channels_bwd_apply")
