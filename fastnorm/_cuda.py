@@ -25,7 +25,6 @@ outputs; running statistics given as device arrays are updated in place on the d
 float16 and empty inputs take one round trip through the host (NumPy path).
 """
 import math
-import numbers
 
 try:
     import numba_cuda  # noqa: F401  (numba's own bundled cuda target is deprecated)
@@ -39,6 +38,7 @@ import numpy as np
 
 from . import _geometry as geo
 from . import api as _api
+from . import reference
 
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
 USE_SHUFFLE = not SIMULATOR          # warp shuffles on a GPU, shared memory in the simulator
@@ -633,9 +633,7 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
     _flat(_ch_bwd_apply_k, x.size)(dy, x, mean, c1, c2, c3, dx)
 
 
-KERNELS = {name: (globals()[name],) * 2 for name in (
-    "rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift", "rows_dot", "rows_bwd_apply",
-    "channels_moments", "channels_scale_shift", "channels_dot", "channels_bwd_apply")}
+KERNELS = {name: (globals()[name],) * 2 for name in reference.KERNELS}
 
 
 def set_num_threads(n):
@@ -1099,16 +1097,6 @@ def instance_norm_backward(grad_out, input, mean, rstd, weight=None, use_input_s
                         use_input_stats)
 
 
-def _groups(num_groups, C, shape):
-    if not isinstance(num_groups, numbers.Integral) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
-    if C % num_groups:
-        raise ValueError("Expected number of channels in input to be divisible by "
-                         f"num_groups, but got input of shape {shape} and "
-                         f"num_groups={num_groups}")
-    return int(num_groups)
-
-
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
                return_stats=False, backend=None):
     """Device twin of :func:`fastnorm.group_norm`."""
@@ -1119,7 +1107,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     if call.ax == 0:
         raise ValueError("axis must be the channel axis, not the batch axis 0")
     C, T = call.shape[call.ax], call.T
-    G = _groups(num_groups, C, call.shape)
+    G = _api._groups(num_groups, C, call.shape)
     w = _vec(weight, "weight", (C,), np.float64)
     b = _vec(bias, "bias", (C,), np.float64)
     eps = _api._eps(eps)
@@ -1147,11 +1135,8 @@ def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups,
                          dict(num_groups=num_groups, axis=axis, has_bias=has_bias))
     shape = tuple(_dev(input).shape if _is_dev(input) else np.shape(input))
     C = shape[_api._axis(axis, len(shape))] if len(shape) >= 2 else 0
-    if not isinstance(num_groups, numbers.Integral) or num_groups < 1 or C % num_groups:
-        raise ValueError(f"num_groups must be a positive divisor of the {C} channels, "
-                         f"got {num_groups!r}")
-    return _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, int(num_groups),
-                        True)
+    G = _api._groups(num_groups, C, shape)
+    return _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, G, True)
 
 
 # --------------------------------------------------------------------- layer / RMS norm

@@ -217,14 +217,7 @@ def fast_kernel(name, backend, work):
         if backend == "cuda":
             return None
         resolve(backend)  # loads it, or raises ValueError
-    serial, parallel = _TABLE[(name, backend)]
-    n = _num_threads[0]
-    if work < PARALLEL_MIN or n == 1 or _forked[0]:
-        return serial
-    mod = _MODS.get(backend)
-    if mod is not None and mod.get_num_threads() != n:
-        mod.set_num_threads(n)
-    return parallel
+    return kernel(name, backend, work)
 
 
 def kernel(name, backend, work):

@@ -119,6 +119,17 @@ def _momentum(momentum, num_batches_tracked):
                         "(it is incremented in place)")
 
 
+def _groups(num_groups, C, shape):
+    """num_groups checked against the C channels of an input of ``shape`` (torch's message)."""
+    if not isinstance(num_groups, numbers.Integral) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+    if C % num_groups:
+        raise ValueError("Expected number of channels in input to be divisible by "
+                         f"num_groups, but got input of shape {shape} and "
+                         f"num_groups={num_groups}")
+    return int(num_groups)
+
+
 def _update_running(rm, rv, mean, var_unbiased, momentum, num_batches_tracked):
     """torch's rule: new = (1 - momentum) * old + momentum * batch, in place."""
     if num_batches_tracked is not None:
@@ -618,13 +629,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     if ax == 0:
         raise ValueError("axis must be the channel axis, not the batch axis 0")
     C, T = x.shape[ax], _compute_dtype(x)
-    if not isinstance(num_groups, numbers.Integral) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
-    if C % num_groups:
-        raise ValueError("Expected number of channels in input to be divisible by "
-                         f"num_groups, but got input of shape {x.shape} and "
-                         f"num_groups={num_groups}")
-    G = int(num_groups)
+    G = _groups(num_groups, C, x.shape)
     w = _param(weight, "weight", (C,), _F64)
     b = _param(bias, "bias", (C,), _F64)
     eps = _eps(eps)
@@ -672,12 +677,8 @@ def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups,
                                        num_groups=num_groups, axis=axis, has_bias=has_bias,
                                        backend=backend)
     x = _input(input, "input", 2)
-    C = x.shape[_axis(axis, x.ndim)]
-    if not isinstance(num_groups, numbers.Integral) or num_groups < 1 or C % num_groups:
-        raise ValueError(f"num_groups must be a positive divisor of the {C} channels, "
-                         f"got {num_groups!r}")
-    return _nc_backward(grad_out, x, mean, rstd, weight, axis, has_bias, backend,
-                        int(num_groups))
+    G = _groups(num_groups, x.shape[_axis(axis, x.ndim)], x.shape)
+    return _nc_backward(grad_out, x, mean, rstd, weight, axis, has_bias, backend, G)
 
 
 # --------------------------------------------------------------------- layer / RMS norm
