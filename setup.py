@@ -25,7 +25,10 @@ DIRECTIVES = dict(language_level=3, cdivision=True, **CHECKS)
 FLAGS = {
     "msvc": (["/O2", "/openmp"], []),
     "unix": ((["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"])
-             + ["-fno-math-errno", "-fopenmp"],   # no errno: lets sqrt vectorize
+             # no errno: lets sqrt vectorize. no-wrapv undoes CPython's -fwrapv, under which
+             # GCC cannot prove x + q*C never wraps and the channels statistics loop ran
+             # 1.8 ms instead of 1.3 (32x56x56x64 float32, one thread)
+             + ["-fno-math-errno", "-fno-wrapv", "-fopenmp"],
              ["-fopenmp"]),
 }
 if platform.machine().lower() in ("x86_64", "amd64"):

@@ -499,11 +499,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                          f"got input size {x.shape}")
     y, final = _output(out, x, lay)
     xv, yv = lay.view(xw, shape), lay.view(y, shape)
-    if use_input_stats and kind == "rows" and x.size and not update:
-        # channels-first without running statistics: one fused pass per (n, c) row
-        mean, rstd = _grouped_forward(xw, y, lay, (N * C, 1, S), w, b, eps, C, backend)
+    if use_input_stats and x.size and not update:
+        # without running statistics: one fused kernel, x read from memory once
+        mean, rstd = _grouped_forward(kind, xw, y, lay, N, C, S, w, b, eps, C, backend)
         y = _finish(y, final)
-        return (y, mean.reshape(N, C), rstd.reshape(N, C)) if return_stats else y
+        return (y, mean, rstd) if return_stats else y
     if use_input_stats:
         if x.size:
             mean, m2 = _moments(kind, xv, backend)
@@ -527,15 +527,26 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     return (y,) + _stats_out(T, mean, rstd) if return_stats else y
 
 
-def _grouped_forward(xw, y, lay, shape, w, b, eps, G, backend):
-    """rows_fwd_grouped on the (R, K, S) view; weight/bias (C,) seen as (G, K)."""
+def _grouped_forward(kind, xw, y, lay, N, C, S, w, b, eps, G, backend):
+    """Fused instance/group norm forward -> (mean, rstd) (N, G) in the compute dtype.
+
+    channels-first: rows_fwd_grouped on the (N*G, C/G, S) view, weight/bias seen as (G, K);
+    channels-last: channels_fwd_grouped on the (N, S, C) view, one sample's slab at a time.
+    """
     T = xw.dtype
-    R, K, _ = shape
-    mean, rstd = np.empty(R, T), np.empty(R, T)
-    wg = None if w is None else np.asarray(w, T).reshape(G, K)
-    bg = None if b is None else np.asarray(b, T).reshape(G, K)
-    _run("rows_fwd_grouped", backend, lay.view(xw, shape), wg, bg, eps, lay.view(y, shape),
-         mean, rstd)
+    mean, rstd = np.empty((N, G), T), np.empty((N, G), T)
+    wt = None if w is None else np.asarray(w, T)
+    bt = None if b is None else np.asarray(b, T)
+    if kind == "rows":
+        shape, K = (N * G, C // G, S), C // G
+        wt = None if wt is None else wt.reshape(G, K)
+        bt = None if bt is None else bt.reshape(G, K)
+        _run("rows_fwd_grouped", backend, lay.view(xw, shape), wt, bt, eps,
+             lay.view(y, shape), mean.reshape(N * G), rstd.reshape(N * G))
+    else:
+        shape = (N, S, C)
+        _run("channels_fwd_grouped", backend, lay.view(xw, shape), wt, bt, eps,
+             lay.view(y, shape), mean, rstd)
     return mean, rstd
 
 
@@ -636,26 +647,12 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     backend = _dispatch.resolve(backend)
     xw, lay, kind, N, C, S, shape = _nc_view(x, ax)
     y, final = _output(out, x, lay)
-    cg = C // G
-    if x.size and kind == "rows":
-        # channels-first: one fused pass per (sample, group) row of C/G*S, read once
-        mean, rstd = _grouped_forward(xw, y, lay, (N * G, cg, S), w, b, eps, G, backend)
-        y = _finish(y, final)
-        return (y, mean.reshape(N, G), rstd.reshape(N, G)) if return_stats else y
-    if x.size:              # per (n, c) columns, then merged into groups of C/G columns
-        mean, m2 = _moments("channels", lay.view(xw, shape), backend)
-        mean, m2 = geo.merge_equal(mean.reshape(N, G, cg), m2.reshape(N, G, cg), S, 2)
+    if x.size:  # one fused kernel: each (sample, group) read from memory once
+        mean, rstd = _grouped_forward(kind, xw, y, lay, N, C, S, w, b, eps, G, backend)
     else:
-        mean = m2 = np.full((N, G), np.nan)
-    rstd = 1.0 / np.sqrt(np.maximum(m2 / (cg * S), 0.0) + eps)
-    mean_c, rstd_c = np.repeat(mean, cg, axis=1), np.repeat(rstd, cg, axis=1)  # (N, C)
-    alpha = rstd_c if w is None else rstd_c * w
-    beta = np.zeros(C) if b is None else b
-    if x.size:
-        _scale_shift(kind, lay.view(xw, shape), lay.view(y, shape),
-                     *[_spread(v, (N, C), kind) for v in (mean_c, alpha, beta)], backend)
+        mean = rstd = np.full((N, G), np.nan, T)
     y = _finish(y, final)
-    return (y,) + _stats_out(T, mean, rstd) if return_stats else y
+    return (y, mean, rstd) if return_stats else y
 
 
 def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups, axis=1,

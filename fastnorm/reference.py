@@ -30,6 +30,10 @@ into the arrays passed in, nothing is returned.
       channels_scale_shift(x, mean, alpha, beta, y)
       channels_dot(dy, x, mean, sum_dy, sum_dyxc)
       channels_bwd_apply(dy, x, mean, c1, c2, c3, dx)
+      channels_fwd_grouped(x, weight|None, bias|None, eps, y, mean, rstd)
+          x, y: (P, Q, C); statistics per (p, g) over q and the C/G channels of group g,
+          G = mean.shape[1]; weight/bias (C,); mean, rstd: (P, G) T (instance norm G = C,
+          group norm channels-last)
 """
 import numpy as np
 
@@ -370,6 +374,24 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
     dx[...] = c1[:, None, :] * dy + c2[:, None, :] * xc + c3[:, None, :]
 
 
+def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
+    # x, y: (P, Q, C)   weight, bias: (C,) or None   mean, rstd: (P, G)
+    P, Q, C = x.shape
+    G = mean.shape[1]
+    xg = x.astype(np.float64).reshape(P, Q, G, C // G)
+    mu = xg.mean(axis=(1, 3))
+    xc = xg - mu[:, None, :, None]
+    r = 1.0 / np.sqrt((xc * xc).mean(axis=(1, 3)) + eps)
+    out = (xc * r[:, None, :, None]).reshape(P, Q, C)
+    if weight is not None:
+        out *= weight
+    if bias is not None:
+        out += bias
+    y[...] = out
+    mean[...] = mu
+    rstd[...] = r
+
+
 KERNELS = ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift",
            "rows_dot", "rows_bwd_apply", "channels_moments", "channels_scale_shift", "channels_dot",
-           "channels_bwd_apply")
+           "channels_bwd_apply", "channels_fwd_grouped")

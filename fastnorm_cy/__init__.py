@@ -19,6 +19,6 @@ KERNELS = {name: (getattr(_kernels, name), getattr(_kernels, name + "_parallel")
            for name in ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift",
                         "rows_dot", "rows_bwd_apply", "channels_moments",
                         "channels_scale_shift", "channels_dot", "channels_bwd_apply",
-                        "channels_eval")}
+                        "channels_fwd_grouped", "channels_eval")}
 
 __all__ = ["KERNELS", "set_num_threads", "get_num_threads", "info"]

@@ -95,6 +95,12 @@ cdef extern from "_simd.h" nogil:
     void fn_ch_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
                              const double *m, const double *c1, const double *c2,
                              const double *c3, double *dx)
+    void fn_ch_fwd_grouped_f32(const float *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
+                               Py_ssize_t h, const float *w, const float *b, double eps,
+                               float *y, float *mean, float *rstd, double *buf)
+    void fn_ch_fwd_grouped_f64(const double *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
+                               Py_ssize_t h, const double *w, const double *b, double eps,
+                               double *y, double *mean, double *rstd, double *buf)
     void fn_ch_eval_coefs_f32(const float *mean, const float *var, const float *w,
                               const float *b, double eps, Py_ssize_t C, double *m, double *a,
                               double *be)
@@ -860,6 +866,81 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
 def channels_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
     """Parallel channels_bwd_apply (contract: fastnorm.reference.channels_bwd_apply)."""
     _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, _par())
+
+
+# ------------------------------------------------------------------------ channels_fwd_grouped
+
+cdef inline void _ch_fwd_grouped_c(const floating *x, const floating *w, const floating *b,
+                                   double eps, floating *y, floating *mean, floating *rstd,
+                                   double *buf, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
+                                   Py_ssize_t h, Py_ssize_t p) noexcept nogil:
+    if floating is float:
+        fn_ch_fwd_grouped_f32(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
+                              mean + p * G, rstd + p * G, buf)
+    else:
+        fn_ch_fwd_grouped_f64(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
+                              mean + p * G, rstd + p * G, buf)
+
+
+cdef void _ch_fwd_grouped_t(const floating *x, const floating *w, const floating *b,
+                            double eps, floating *y, floating *mean, floating *rstd,
+                            double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
+                            Py_ssize_t G, int nt) noexcept nogil:
+    # IN x (P, Q, C), w/b (C,) or NULL   OUT y (P, Q, C), mean/rstd (P, G)
+    # buf: P slices of _grouped_scratch(Q, C) doubles; one sample per task (any thread count
+    # computes each sample the same way)
+    cdef Py_ssize_t p, h = _block_rows(Q, C), per = _grouped_scratch(Q, C)
+    if nt > 1 and P > 1:
+        for p in prange(P, num_threads=nt, schedule="static"):
+            _ch_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf + p * per, Q, C, G, h, p)
+    else:
+        for p in range(P):
+            _ch_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf, Q, C, G, h, p)
+
+
+cdef inline Py_ssize_t _grouped_scratch(Py_ssize_t Q, Py_ssize_t C) noexcept nogil:
+    """float64 scratch of fn_ch_fwd_grouped for one sample: 2*nb*C + 4*C."""
+    cdef Py_ssize_t h = _block_rows(Q, C)
+    return (2 * ((Q + h - 1) // h) + 4) * C
+
+
+cdef _channels_fwd_grouped(x, weight, bias, double eps, y, mean, rstd, int nt):
+    cdef int t = _dtype(x, "x", 3)
+    cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
+    _dtype(mean, "mean", 2)  # an ndarray of 2 dims before its shape is read
+    cdef Py_ssize_t G = _dim(mean, 1)
+    if G < 1 or C % G or Q < 1:
+        raise ValueError(f"mean must be (P, G) with G dividing C = {C} and Q >= 1 rows")
+    cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
+    cdef void *pw = _opt(weight, "weight", t, 1, False, C)
+    cdef void *pb = _opt(bias, "bias", t, 1, False, C)
+    cdef void *py = _data(y, "y", t, 3, True, P, Q, C)
+    cdef void *pm = _data(mean, "mean", t, 2, True, P, G)
+    cdef void *pr = _data(rstd, "rstd", t, 2, True, P, G)
+    _disjoint_or_same(y, x, "y", "x")
+    cdef Py_ssize_t nbuf = _grouped_scratch(Q, C) * (P if nt > 1 else 1)
+    cdef double *buf = <double *>malloc(max(1, nbuf) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    with nogil:
+        if t == _F32:
+            _ch_fwd_grouped_t(<const float *>px, <const float *>pw, <const float *>pb, eps,
+                              <float *>py, <float *>pm, <float *>pr, buf, P, Q, C, G, nt)
+        else:
+            _ch_fwd_grouped_t(<const double *>px, <const double *>pw, <const double *>pb,
+                              eps, <double *>py, <double *>pm, <double *>pr, buf, P, Q, C, G,
+                              nt)
+    free(buf)
+
+
+def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
+    """Serial channels_fwd_grouped (contract: fastnorm.reference.channels_fwd_grouped)."""
+    _channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd, 1)
+
+
+def channels_fwd_grouped_parallel(x, weight, bias, eps, y, mean, rstd):
+    """Parallel channels_fwd_grouped (contract: fastnorm.reference.channels_fwd_grouped)."""
+    _channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd, _par())
 
 
 # ------------------------------------------------------------------------ channels_eval

@@ -152,8 +152,12 @@ FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
             FN_T *ys = yr + k * S;
             const double a = w ? rs * (double)w[g * K + k] : rs;
             const double c = b ? (double)b[g * K + k] : 0.0;
-#pragma omp simd
-            for (i = 0; i < S; i++)
+            i = 0;
+#if FN_VEC
+            for (; i + 8 <= S; i += 8)
+                FN_ST8(ys + i, (FN_LD8(xs + i) - FN_SPLAT(mu)) * FN_SPLAT(a) + FN_SPLAT(c));
+#endif
+            for (; i < S; i++)
                 ys[i] = (FN_T)(((double)xs[i] - mu) * a + c);
         }
         mean[r] = (FN_T)mu;
@@ -240,8 +244,12 @@ FN_CLONES static void FN_NAME(fn_rows_scale_shift)(const FN_T *x, ptrdiff_t M,
         const FN_T *xr = x + r * M;
         FN_T *yr = y + r * M;
         double m = mean[r], a = alpha[r], b = beta[r];
-#pragma omp simd
-        for (i = 0; i < M; i++)
+        i = 0;
+#if FN_VEC
+        for (; i + 8 <= M; i += 8)
+            FN_ST8(yr + i, (FN_LD8(xr + i) - FN_SPLAT(m)) * FN_SPLAT(a) + FN_SPLAT(b));
+#endif
+        for (; i < M; i++)
             yr[i] = (FN_T)(((double)xr[i] - m) * a + b);
     }
 }
@@ -279,8 +287,13 @@ FN_CLONES static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, 
         const FN_T *xr = x + r * M, *dyr = dy + r * M;
         FN_T *dxr = dx + r * M;
         double m = mean[r], a = c1[r], b = c2[r], c = c3[r];
-#pragma omp simd
-        for (i = 0; i < M; i++)
+        i = 0;
+#if FN_VEC
+        for (; i + 8 <= M; i += 8)
+            FN_ST8(dxr + i, FN_SPLAT(a) * FN_LD8(dyr + i)
+                            + FN_SPLAT(b) * (FN_LD8(xr + i) - FN_SPLAT(m)) + FN_SPLAT(c));
+#endif
+        for (; i < M; i++)
             dxr[i] = (FN_T)(a * (double)dyr[i] + b * ((double)xr[i] - m) + c);
     }
 }
@@ -337,38 +350,24 @@ FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff
 }
 
 /* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b
- * y is x (in place) or does not overlap it (checked by the caller): the short inner loop
- * then runs without run-time alias checks, ~15% faster at C = 64. */
-FN_INLINE void FN_NAME(fn_ch_scale_shift_nr)(const FN_T *FN_RESTRICT x, ptrdiff_t n,
-                                             ptrdiff_t C, const double *FN_RESTRICT m,
-                                             const double *FN_RESTRICT a,
-                                             const double *FN_RESTRICT b, FN_T *FN_RESTRICT y)
-{
-    ptrdiff_t q, c;
-    for (q = 0; q < n; q++) {
-        const FN_T *FN_RESTRICT xr = x + q * C;
-        FN_T *FN_RESTRICT yr = y + q * C;
-#pragma omp simd
-        for (c = 0; c < C; c++)
-            yr[c] = (FN_T)(((double)xr[c] - m[c]) * a[c] + b[c]);
-    }
-}
-
+ * y is x (in place) or does not overlap it (checked by the caller); each vector is loaded
+ * before it is stored, so both cases run the same loop. */
 FN_CLONES static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
                                                  const double *FN_RESTRICT m,
                                                  const double *FN_RESTRICT a,
                                                  const double *FN_RESTRICT b, FN_T *y)
 {
     ptrdiff_t q, c;
-    if ((const FN_T *)y != x) {
-        FN_NAME(fn_ch_scale_shift_nr)(x, n, C, m, a, b, y);
-        return;
-    }
-    for (q = 0; q < n; q++) { /* in place: one pointer */
+    for (q = 0; q < n; q++) {
+        const FN_T *xr = x + q * C;
         FN_T *yr = y + q * C;
-#pragma omp simd
-        for (c = 0; c < C; c++)
-            yr[c] = (FN_T)(((double)yr[c] - m[c]) * a[c] + b[c]);
+        c = 0;
+#if FN_VEC
+        for (; c + 8 <= C; c += 8)
+            FN_ST8(yr + c, (FN_LD8(xr + c) - FN_LD8D(m + c)) * FN_LD8D(a + c) + FN_LD8D(b + c));
+#endif
+        for (; c < C; c++)
+            yr[c] = (FN_T)(((double)xr[c] - m[c]) * a[c] + b[c]);
     }
 }
 
@@ -420,10 +419,61 @@ FN_CLONES static void FN_NAME(fn_ch_bwd_apply)(const FN_T *FN_RESTRICT dy,
     for (q = 0; q < n; q++) {
         const FN_T *FN_RESTRICT xr = x + q * C, *FN_RESTRICT dyr = dy + q * C;
         FN_T *FN_RESTRICT dxr = dx + q * C;
-#pragma omp simd
-        for (c = 0; c < C; c++)
+        c = 0;
+#if FN_VEC
+        for (; c + 8 <= C; c += 8)
+            FN_ST8(dxr + c, FN_LD8D(c1 + c) * FN_LD8(dyr + c)
+                            + FN_LD8D(c2 + c) * (FN_LD8(xr + c) - FN_LD8D(m + c))
+                            + FN_LD8D(c3 + c));
+#endif
+        for (; c < C; c++)
             dxr[c] = (FN_T)(c1[c] * (double)dyr[c] + c2[c] * ((double)xr[c] - m[c]) + c3[c]);
     }
+}
+
+/* channels_fwd_grouped for one sample: IN x (Q, C), w/b (C,) or NULL, G groups of K = C/G
+ * columns, h rows per block, eps   OUT y (Q, C), mean/rstd (G,)
+ * buf: 2*nb*C + 4*C float64 of scratch, nb = ceil(Q/h). The slab stays in L2 (spilling into
+ * L3) between the statistics and the apply, so x is read from memory once. Per-column block
+ * moments merged in block order (as channels_moments), then the K columns of a group merged
+ * as equal-count sets (as fastnorm._geometry.merge_equal), as fastnorm/_numba. */
+FN_CLONES static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptrdiff_t C,
+                                                 ptrdiff_t G, ptrdiff_t h, const FN_T *w,
+                                                 const FN_T *b, double eps, FN_T *y,
+                                                 FN_T *mean, FN_T *rstd,
+                                                 double *FN_RESTRICT buf)
+{
+    const ptrdiff_t nb = (Q + h - 1) / h, K = C / G;
+    double *bmean = buf, *bm2 = buf + nb * C, *m = bm2 + nb * C, *m2 = m + C;
+    double *a = m2 + C, *be = a + C;
+    ptrdiff_t blk, g, k;
+    for (blk = 0; blk < nb; blk++) {
+        const ptrdiff_t lo = blk * h, n = (Q - lo < h ? Q - lo : h);
+        FN_NAME(fn_ch_moments)(x + lo * C, n, C, bmean + blk * C, bm2 + blk * C);
+    }
+    fn_ch_merge_moments(nb, h, Q, C, bmean, bm2, m, m2);
+    for (g = 0; g < G; g++) {
+        double mg = 0.0, s2 = 0.0, dev = 0.0, var, r64;
+        for (k = 0; k < K; k++)
+            mg += m[g * K + k];
+        mg /= (double)K;
+        for (k = 0; k < K; k++) {
+            const double d = m[g * K + k] - mg;
+            s2 += m2[g * K + k];
+            dev += d * d;
+        }
+        var = (s2 + (double)Q * dev) / (double)(Q * K);
+        r64 = var == var ? 1.0 / sqrt((var < 0.0 ? 0.0 : var) + eps) : var;
+        for (k = 0; k < K; k++) { /* group g's entries of m are consumed: reuse them */
+            const ptrdiff_t c = g * K + k;
+            m[c] = mg;
+            a[c] = w ? r64 * (double)w[c] : r64;
+            be[c] = b ? (double)b[c] : 0.0;
+        }
+        mean[g] = (FN_T)mg;
+        rstd[g] = (FN_T)r64;
+    }
+    FN_NAME(fn_ch_scale_shift)(x, Q, C, m, a, be, y);
 }
 
 /* Eval-mode coefficients from fixed statistics (channels_eval): IN mean/var (C,), w/b (C,)

@@ -17,6 +17,53 @@ def block_rows(Q, C):
     return max(1, min(Q, 8192 // max(C, 1)))
 
 
+@helper
+def block_col_moments(xs, mu, s2):
+    """Two-pass mean and M2 of each column of a block xs (n, C) held in cache -> mu, s2."""
+    n, C = xs.shape
+    mu[:] = 0.0
+    s2[:] = 0.0
+    # four rows per sweep of the accumulators: a quarter of the per-row loop overhead and
+    # accumulator traffic (C is often small, e.g. 64)
+    n4 = n - n % 4
+    for q in range(0, n4, 4):
+        r0, r1, r2, r3 = xs[q], xs[q + 1], xs[q + 2], xs[q + 3]
+        for c in range(C):
+            mu[c] += (np.float64(r0[c]) + r1[c]) + (np.float64(r2[c]) + r3[c])
+    for q in range(n4, n):
+        row = xs[q]
+        for c in range(C):
+            mu[c] += row[c]
+    for c in range(C):
+        mu[c] /= n
+    for q in range(0, n4, 4):
+        r0, r1, r2, r3 = xs[q], xs[q + 1], xs[q + 2], xs[q + 3]
+        for c in range(C):
+            m = mu[c]
+            d0, d1, d2, d3 = r0[c] - m, r1[c] - m, r2[c] - m, r3[c] - m
+            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for q in range(n4, n):
+        row = xs[q]
+        for c in range(C):
+            d = row[c] - mu[c]
+            s2[c] += d * d
+
+
+@helper
+def merge_blocks(bmean, bm2, Q, h, mean, m2):
+    """Chan-merge block moments (nb, C) in block order (block b = rows [b*h, (b+1)*h))."""
+    nb, C = bmean.shape
+    for c in range(C):
+        cnt = 0.0
+        mu_ = 0.0
+        s2_ = 0.0
+        for b in range(nb):
+            n = min(Q, (b + 1) * h) - b * h
+            cnt, mu_, s2_ = chan_merge(cnt, mu_, s2_, np.float64(n), bmean[b, c], bm2[b, c])
+        mean[c] = mu_ if Q > 0 else np.nan
+        m2[c] = s2_ if Q > 0 else np.nan
+
+
 @kernel
 def channels_moments(x, mean, m2):
     # IN x (P, Q, C)   OUT mean, m2 (P, C) float64
@@ -28,48 +75,62 @@ def channels_moments(x, mean, m2):
     for t in prange(P * nb):
         p = t // nb
         b = t % nb
-        xs = x[p, b * h:min(Q, (b + 1) * h)]
-        n = xs.shape[0]
-        mu = bmean[p, b]
-        s2 = bm2[p, b]
-        mu[:] = 0.0
-        s2[:] = 0.0
-        # four rows per sweep of the accumulators: a quarter of the per-row loop overhead
-        # and accumulator traffic (C is often small, e.g. 64)
-        n4 = n - n % 4
-        for q in range(0, n4, 4):
-            r0, r1, r2, r3 = xs[q], xs[q + 1], xs[q + 2], xs[q + 3]
-            for c in range(C):
-                mu[c] += (np.float64(r0[c]) + r1[c]) + (np.float64(r2[c]) + r3[c])
-        for q in range(n4, n):
-            row = xs[q]
-            for c in range(C):
-                mu[c] += row[c]
-        for c in range(C):
-            mu[c] /= n
-        for q in range(0, n4, 4):
-            r0, r1, r2, r3 = xs[q], xs[q + 1], xs[q + 2], xs[q + 3]
-            for c in range(C):
-                m = mu[c]
-                d0, d1, d2, d3 = r0[c] - m, r1[c] - m, r2[c] - m, r3[c] - m
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        for q in range(n4, n):
-            row = xs[q]
-            for c in range(C):
-                d = row[c] - mu[c]
-                s2[c] += d * d
+        block_col_moments(x[p, b * h:min(Q, (b + 1) * h)], bmean[p, b], bm2[p, b])
     # merge blocks in order (fixed, thread-count independent)
     for p in prange(P):
-        for c in range(C):
-            cnt = 0.0
-            mu_ = 0.0
-            s2_ = 0.0
-            for b in range(nb):
-                n = min(Q, (b + 1) * h) - b * h
-                cnt, mu_, s2_ = chan_merge(cnt, mu_, s2_, np.float64(n), bmean[p, b, c],
-                                           bm2[p, b, c])
-            mean[p, c] = mu_ if Q > 0 else np.nan
-            m2[p, c] = s2_ if Q > 0 else np.nan
+        merge_blocks(bmean[p], bm2[p], Q, h, mean[p], m2[p])
+
+
+@kernel
+def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
+    # IN x (P, Q, C), weight/bias (C,) or None, eps   OUT y (P, Q, C), mean/rstd (P, G)
+    # Instance norm (G = C) and group norm channels-last: one sample's (Q, C) slab (~800 KB
+    # for 56x56x64 float32) stays in L2 (spilling into L3) between the statistics and the
+    # apply, so x is read from memory once. Samples are split over threads whole.
+    P, Q, C = x.shape
+    G = mean.shape[1]
+    K = C // G
+    h = block_rows(Q, C)
+    nb = (Q + h - 1) // h
+    for p in prange(P):
+        bmean = np.empty((nb, C))
+        bm2 = np.empty((nb, C))
+        for b in range(nb):
+            block_col_moments(x[p, b * h:min(Q, (b + 1) * h)], bmean[b], bm2[b])
+        mc = np.empty(C)
+        m2c = np.empty(C)
+        merge_blocks(bmean, bm2, Q, h, mc, m2c)
+        m = np.empty(C)
+        a = np.empty(C)
+        be = np.zeros(C)
+        for g in range(G):  # columns of a group have equal counts: geo.merge_equal
+            mg = 0.0
+            for k in range(K):
+                mg += mc[g * K + k]
+            mg /= K
+            s2 = 0.0
+            dev = 0.0
+            for k in range(K):
+                s2 += m2c[g * K + k]
+                d = mc[g * K + k] - mg
+                dev += d * d
+            var = (s2 + Q * dev) / (Q * K)
+            r64 = 1.0 / np.sqrt(max(var, 0.0) + eps if var == var else var)
+            for k in range(K):
+                c = g * K + k
+                m[c] = mg
+                a[c] = r64 if weight is None else r64 * weight[c]
+                if bias is not None:
+                    be[c] = bias[c]
+            mean[p, g] = mg
+            rstd[p, g] = r64
+        xs = x[p]
+        ys = y[p]
+        for q in range(Q):
+            xr = xs[q]
+            yr = ys[q]
+            for c in range(C):
+                yr[c] = (xr[c] - m[c]) * a[c] + be[c]
 
 
 @kernel
