@@ -293,6 +293,25 @@ def _grouped_coefs_k(m64, m2, weight, bias, eps, n, G, mean_rk, alpha_rk, beta_r
 
 
 @cuda.jit
+def _ch_grouped_coefs_k(mg, m2g, weight, bias, eps, n, mean_s, alpha_s, beta_s, mean, rstd):
+    # IN mg/m2g (P, G) group moments over n elements, weight/bias (C,) or None
+    # OUT mean_s/alpha_s/beta_s (P, C) per-channel scalars, mean/rstd (P, G) x's dtype
+    P, C = mean_s.shape
+    K = C // mg.shape[1]
+    for j in range(cuda.grid(1), P * C, cuda.gridsize(1)):
+        p = j // C
+        c = j - p * C
+        g = c // K
+        rs = 1.0 / math.sqrt(max(m2g[p, g] / n, 0.0) + eps)
+        mean_s[p, c] = mg[p, g]
+        alpha_s[p, c] = rs if weight is None else rs * weight[c]
+        beta_s[p, c] = 0.0 if bias is None else bias[c]
+        if c == g * K:
+            mean[p, g] = mg[p, g]
+            rstd[p, g] = rs
+
+
+@cuda.jit
 def _rows_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
     # IN dy, x (R, M), mean/c1/c2/c3 (R,)   OUT dx = c1*dy + c2*(x - mean) + c3
     R, M = x.shape
@@ -631,6 +650,19 @@ def channels_dot(dy, x, mean, sum_dy, sum_dyxc):
 
 def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
     _flat(_ch_bwd_apply_k, x.size)(dy, x, mean, c1, c2, c3, dx)
+
+
+def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
+    # composed on the device: per-(p, c) moments, merged into groups, then the channels apply
+    P, Q, C = x.shape
+    G = mean.shape[1]
+    m64, m2 = cuda.device_array((P, C)), cuda.device_array((P, C))
+    channels_moments(x, m64, m2)
+    mg, m2g = _merge_equal(m64.reshape(P * G, C // G, 1), m2.reshape(P * G, C // G, 1), Q)
+    coefs = [cuda.device_array((P, C)) for _ in range(3)]
+    _flat(_ch_grouped_coefs_k, P * C)(mg.reshape(P, G), m2g.reshape(P, G), weight, bias,
+                                      float(eps), float(Q * (C // G)), *coefs, mean, rstd)
+    channels_scale_shift(x, *coefs, y)
 
 
 KERNELS = {name: (globals()[name],) * 2 for name in reference.KERNELS}

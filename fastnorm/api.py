@@ -15,6 +15,7 @@ from . import _geometry as geo
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _F64 = np.float64
 _FAST = (np.dtype(np.float32), np.dtype(np.float64))   # dtypes the fast paths take
+FUSED_SLAB = 1 << 18  # elements of one sample's channels-last slab, see _fuse
 
 
 # ---------------------------------------------------------------------------- validation
@@ -499,7 +500,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                          f"got input size {x.shape}")
     y, final = _output(out, x, lay)
     xv, yv = lay.view(xw, shape), lay.view(y, shape)
-    if use_input_stats and x.size and not update:
+    if use_input_stats and x.size and not update and _fuse(kind, N, S, C):
         # without running statistics: one fused kernel, x read from memory once
         mean, rstd = _grouped_forward(kind, xw, y, lay, N, C, S, w, b, eps, C, backend)
         y = _finish(y, final)
@@ -525,6 +526,15 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                      backend)
     y = _finish(y, final)
     return (y,) + _stats_out(T, mean, rstd) if return_stats else y
+
+
+def _fuse(kind, N, S, C):
+    """Whether instance/group norm forward runs as one fused kernel (a function of the shape
+    only, so every thread count gives the same bits). channels-first: always (rows of one
+    (sample, group), parallel over N*G rows). channels-last: the kernel takes one sample's
+    (S, C) slab per thread, so with fewer than 4 samples of more than 1 MiB (float32) the
+    statistics/apply pair, parallel over blocks of rows, keeps more threads busy."""
+    return kind == "rows" or N >= 4 or S * C <= FUSED_SLAB
 
 
 def _grouped_forward(kind, xw, y, lay, N, C, S, w, b, eps, G, backend):
@@ -647,12 +657,25 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     backend = _dispatch.resolve(backend)
     xw, lay, kind, N, C, S, shape = _nc_view(x, ax)
     y, final = _output(out, x, lay)
-    if x.size:  # one fused kernel: each (sample, group) read from memory once
+    if x.size and _fuse(kind, N, S, C):  # one fused kernel: x read from memory once
         mean, rstd = _grouped_forward(kind, xw, y, lay, N, C, S, w, b, eps, G, backend)
+        y = _finish(y, final)
+        return (y, mean, rstd) if return_stats else y
+    cg = C // G
+    if x.size:              # per (n, c) columns, then merged into groups of C/G columns
+        mean, m2 = _moments("channels", lay.view(xw, shape), backend)
+        mean, m2 = geo.merge_equal(mean.reshape(N, G, cg), m2.reshape(N, G, cg), S, 2)
     else:
-        mean = rstd = np.full((N, G), np.nan, T)
+        mean = m2 = np.full((N, G), np.nan)
+    rstd = 1.0 / np.sqrt(np.maximum(m2 / (cg * S), 0.0) + eps)
+    mean_c, rstd_c = np.repeat(mean, cg, axis=1), np.repeat(rstd, cg, axis=1)  # (N, C)
+    alpha = rstd_c if w is None else rstd_c * w
+    beta = np.zeros(C) if b is None else b
+    if x.size:
+        _scale_shift(kind, lay.view(xw, shape), lay.view(y, shape),
+                     *[_spread(v, (N, C), kind) for v in (mean_c, alpha, beta)], backend)
     y = _finish(y, final)
-    return (y, mean, rstd) if return_stats else y
+    return (y,) + _stats_out(T, mean, rstd) if return_stats else y
 
 
 def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups, axis=1,

@@ -96,6 +96,10 @@ def _kernel_cases(dtype):
     yield "channels_scale_shift", (xc, meanc, *pc[1:]), ((P, Q, C), T)
     yield "channels_dot", (dyc, xc, meanc), ((P, C), F, (P, C), F)
     yield "channels_bwd_apply", (dyc, xc, meanc, *pc), ((P, Q, C), T)
+    xq = _data((2, 7, 6), dtype)  # (P, Q, C): 3 groups of 2 channels, and instance norm
+    wq, bq = _data(6, dtype, 1.0), _data(6, dtype, 0.0)
+    for G, wb in ((3, (wq, bq)), (3, (None, bq)), (6, (wq, None)), (1, (None, None))):
+        yield "channels_fwd_grouped", (xq, *wb, 1e-5), ((2, 7, 6), T, (2, G), T, (2, G), T)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)

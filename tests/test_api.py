@@ -223,3 +223,36 @@ def test_use_backend_context_and_env(backend, monkeypatch):
     assert _dispatch.resolve() == backend
     with pytest.raises(ValueError, match="backend"):
         fn.layer_norm(x, 8, backend="fortran")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["instance_norm", "group_norm"])
+def test_channels_last_fused_and_composed_paths(name, backend, monkeypatch):
+    """Channels-last instance/group norm forward runs fused (one sample's slab per thread)
+    or, for fewer than 4 samples of a slab over api.FUSED_SLAB, as statistics + apply
+    parallel over blocks. Both against the oracle, each with the same bits at 1 and 2
+    threads (the choice depends on the shape only)."""
+    from fastnorm import api
+    rng = np.random.default_rng(11)
+    x = (1e3 + rng.standard_normal((2, 300, 1000))).astype(np.float32)
+    w, b = _params(rng, (1000,), np.float32)
+    assert 300 * 1000 > api.FUSED_SLAB
+    call = {"instance_norm": lambda: fn.instance_norm(x, weight=w, bias=b, axis=-1,
+                                                      return_stats=True, backend=backend),
+            "group_norm": lambda: fn.group_norm(x, 250, w, b, axis=-1, return_stats=True,
+                                                backend=backend)}[name]
+    G = 1000 if name == "instance_norm" else 250
+    want = ref.group_norm(x, G, w, b, axis=-1)
+    for slab in (api.FUSED_SLAB, 1 << 30):   # composed, then fused
+        monkeypatch.setattr(api, "FUSED_SLAB", slab)
+        runs, n0 = [], fn.get_num_threads()
+        for n in (1, 2):
+            fn.set_num_threads(n)
+            runs.append(call())
+        fn.set_num_threads(n0)
+        for a, c in zip(*runs):
+            np.testing.assert_array_equal(a, c, err_msg=f"{name} {backend} slab={slab}")
+        for got, exp, what in zip(runs[0], want, ("y", "mean", "rstd")):
+            assert_close(got, exp.reshape(got.shape), np.float32,
+                         f"{name} {backend} slab={slab} {what}",
+                         scale=1e3 if what == "mean" else None)

@@ -92,12 +92,18 @@ def _channels_args(name, rng, P, Q, C, dtype, offset):
         return [dy, x, m64, np.empty((P, C)), np.empty((P, C))], (3, 4)
     if name == "channels_bwd_apply":
         return [dy, x, m64, *per, np.empty_like(x)], (6,)
+    if name == "channels_fwd_grouped":  # groups of 4 channels where C allows, else instance
+        G = C // 4 if C % 4 == 0 else C
+        w, b = (rng.standard_normal(C).astype(dtype) for _ in range(2))
+        return [x, w, b, 1e-5, np.empty_like(x), np.empty((P, G), dtype),
+                np.empty((P, G), dtype)], (4, 5, 6)
     raise ValueError(name)
 
 
 ROWS = ["rows_fwd", "rows_fwd_rms", "rows_bwd", "rows_bwd_rms", "rows_moments",
         "rows_scale_shift", "rows_dot", "rows_bwd_apply"]
-CHANNELS = ["channels_moments", "channels_scale_shift", "channels_dot", "channels_bwd_apply"]
+CHANNELS = ["channels_moments", "channels_scale_shift", "channels_dot", "channels_bwd_apply",
+            "channels_fwd_grouped"]
 # (R, M): one row, one column, a row longer than a 4096 block (Chan merges), many short rows
 ROW_SHAPES = [(1, 768), (7, 1), (3, 9000), (40, 1000)]
 # (P, Q, C): block boundaries (8192 // C rows per block), C=1, P > 1

@@ -118,3 +118,12 @@ def test_kernel_twins_against_oracles():
     ref.channels_moments(x3, m, m2)
     np.testing.assert_allclose(m, x3.mean(axis=1), rtol=1e-13)
     np.testing.assert_allclose(m2 / 9, x3.var(axis=1), rtol=1e-13)
+    # channels-last group norm (2 groups of 2 channels) and instance norm (G = C)
+    w, b = RNG.normal(size=4), RNG.normal(size=4)
+    for G in (2, 4):
+        y3, m, r = np.empty_like(x3), np.empty((2, G)), np.empty((2, G))
+        ref.channels_fwd_grouped(x3, w, b, 1e-5, y3, m, r)
+        yo, mo, ro = ref.group_norm(x3, G, w, b, axis=-1)
+        np.testing.assert_allclose(y3, yo, atol=1e-13)
+        np.testing.assert_allclose(m, mo.reshape(2, G), atol=1e-13)
+        np.testing.assert_allclose(r, ro.reshape(2, G), rtol=1e-13)
