@@ -37,6 +37,7 @@ cdef extern from "_simd.h" nogil:
     int fn_openmp()
     const char *FN_CYTHON_VERSION
     int FN_DEBUG_CHECKS
+    Py_ssize_t FN_STREAM_MIN
 
     void fn_rows_fwd_f32(const float *x, Py_ssize_t M, const float *w, const float *b,
                          double eps, int rms, float *y, float *mean, float *rstd,
@@ -46,10 +47,10 @@ cdef extern from "_simd.h" nogil:
                          Py_ssize_t lo, Py_ssize_t hi)
     void fn_rows_fwd_grouped_f32(const float *x, Py_ssize_t K, Py_ssize_t S, Py_ssize_t G,
                                  const float *w, const float *b, double eps, float *y,
-                                 float *mean, float *rstd, Py_ssize_t lo, Py_ssize_t hi)
+                                 float *mean, float *rstd, Py_ssize_t lo, Py_ssize_t hi, int nts)
     void fn_rows_fwd_grouped_f64(const double *x, Py_ssize_t K, Py_ssize_t S, Py_ssize_t G,
                                  const double *w, const double *b, double eps, double *y,
-                                 double *mean, double *rstd, Py_ssize_t lo, Py_ssize_t hi)
+                                 double *mean, double *rstd, Py_ssize_t lo, Py_ssize_t hi, int nts)
     void fn_rows_bwd_f32(const float *dy, const float *x, const float *mean,
                          const float *rstd, const float *w, int rms, Py_ssize_t M, float *dx,
                          double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi)
@@ -62,45 +63,45 @@ cdef extern from "_simd.h" nogil:
                              Py_ssize_t lo, Py_ssize_t hi)
     void fn_rows_scale_shift_f32(const float *x, Py_ssize_t M, const double *mean,
                                  const double *alpha, const double *beta, float *y,
-                                 Py_ssize_t lo, Py_ssize_t hi)
+                                 Py_ssize_t lo, Py_ssize_t hi, int nts)
     void fn_rows_scale_shift_f64(const double *x, Py_ssize_t M, const double *mean,
                                  const double *alpha, const double *beta, double *y,
-                                 Py_ssize_t lo, Py_ssize_t hi)
+                                 Py_ssize_t lo, Py_ssize_t hi, int nts)
     void fn_rows_dot_f32(const float *dy, const float *x, Py_ssize_t M, const double *mean,
                          double *sum_dy, double *sum_dyxc, Py_ssize_t lo, Py_ssize_t hi)
     void fn_rows_dot_f64(const double *dy, const double *x, Py_ssize_t M, const double *mean,
                          double *sum_dy, double *sum_dyxc, Py_ssize_t lo, Py_ssize_t hi)
     void fn_rows_bwd_apply_f32(const float *dy, const float *x, Py_ssize_t M,
                                const double *mean, const double *c1, const double *c2,
-                               const double *c3, float *dx, Py_ssize_t lo, Py_ssize_t hi)
+                               const double *c3, float *dx, Py_ssize_t lo, Py_ssize_t hi, int nts)
     void fn_rows_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t M,
                                const double *mean, const double *c1, const double *c2,
-                               const double *c3, double *dx, Py_ssize_t lo, Py_ssize_t hi)
+                               const double *c3, double *dx, Py_ssize_t lo, Py_ssize_t hi, int nts)
 
     void fn_ch_moments_f32(const float *x, Py_ssize_t n, Py_ssize_t C, double *mu,
                            double *s2)
     void fn_ch_moments_f64(const double *x, Py_ssize_t n, Py_ssize_t C, double *mu,
                            double *s2)
     void fn_ch_scale_shift_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const double *m,
-                               const double *a, const double *b, float *y)
+                               const double *a, const double *b, float *y, int nts)
     void fn_ch_scale_shift_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *m,
-                               const double *a, const double *b, double *y)
+                               const double *a, const double *b, double *y, int nts)
     void fn_ch_dot_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
                        const double *m, double *s, double *sx)
     void fn_ch_dot_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
                        const double *m, double *s, double *sx)
     void fn_ch_bwd_apply_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
                              const double *m, const double *c1, const double *c2,
-                             const double *c3, float *dx)
+                             const double *c3, float *dx, int nts)
     void fn_ch_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
                              const double *m, const double *c1, const double *c2,
-                             const double *c3, double *dx)
+                             const double *c3, double *dx, int nts)
     void fn_ch_fwd_grouped_f32(const float *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
                                Py_ssize_t h, const float *w, const float *b, double eps,
-                               float *y, float *mean, float *rstd, double *buf)
+                               float *y, float *mean, float *rstd, double *buf, int nts)
     void fn_ch_fwd_grouped_f64(const double *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
                                Py_ssize_t h, const double *w, const double *b, double eps,
-                               double *y, double *mean, double *rstd, double *buf)
+                               double *y, double *mean, double *rstd, double *buf, int nts)
     void fn_ch_eval_coefs_f32(const float *mean, const float *var, const float *w,
                               const float *b, double eps, Py_ssize_t C, double *m, double *a,
                               double *be)
@@ -244,6 +245,13 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t Q, Py_ssize_t C) noexcept nogil:
     return max(1, min(Q, 8192 // max(C, 1)))
 
 
+cdef inline int _streaming(Py_ssize_t nbytes) noexcept nogil:
+    """Whether an output of ``nbytes`` is written with non-temporal stores (past the caches,
+    no read-for-ownership of its lines): only outputs too big to stay in cache for the
+    caller's next step. A function of the size only; the values written are the same."""
+    return nbytes >= FN_STREAM_MIN
+
+
 # ------------------------------------------------------------------------ rows_fwd
 
 cdef inline void _rows_fwd_c(const floating *x, const floating *w, const floating *b,
@@ -301,11 +309,11 @@ def rows_fwd_parallel(x, weight, bias, eps, rms, y, mean, rstd):
 cdef inline void _rows_fwd_grouped_c(const floating *x, const floating *w, const floating *b,
                                      double eps, floating *y, floating *mean, floating *rstd,
                                      Py_ssize_t K, Py_ssize_t S, Py_ssize_t G, Py_ssize_t lo,
-                                     Py_ssize_t hi) noexcept nogil:
+                                     Py_ssize_t hi, int nts) noexcept nogil:
     if floating is float:
-        fn_rows_fwd_grouped_f32(x, K, S, G, w, b, eps, y, mean, rstd, lo, hi)
+        fn_rows_fwd_grouped_f32(x, K, S, G, w, b, eps, y, mean, rstd, lo, hi, nts)
     else:
-        fn_rows_fwd_grouped_f64(x, K, S, G, w, b, eps, y, mean, rstd, lo, hi)
+        fn_rows_fwd_grouped_f64(x, K, S, G, w, b, eps, y, mean, rstd, lo, hi, nts)
 
 
 cdef void _rows_fwd_grouped_t(const floating *x, const floating *w, const floating *b,
@@ -314,12 +322,13 @@ cdef void _rows_fwd_grouped_t(const floating *x, const floating *w, const floati
                               int nt) noexcept nogil:
     # IN x (R, K, S), w/b (G, K) or NULL   OUT y (R, K, S), mean/rstd (R,)
     cdef Py_ssize_t k, step = _row_step(K * S), nch = (R + step - 1) // step
+    cdef int nts = _streaming((R * K * S) * sizeof(floating))
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
             _rows_fwd_grouped_c(x, w, b, eps, y, mean, rstd, K, S, G, k * step,
-                                min(R, k * step + step))
+                                min(R, k * step + step), nts)
     else:
-        _rows_fwd_grouped_c(x, w, b, eps, y, mean, rstd, K, S, G, 0, R)
+        _rows_fwd_grouped_c(x, w, b, eps, y, mean, rstd, K, S, G, 0, R, nts)
 
 
 cdef _rows_fwd_grouped(x, weight, bias, double eps, y, mean, rstd, int nt):
@@ -481,11 +490,11 @@ def rows_moments_parallel(x, mean, m2):
 
 cdef inline void _rows_scale_shift_c(const floating *x, const double *mean,
                                      const double *alpha, const double *beta, floating *y,
-                                     Py_ssize_t M, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+                                     Py_ssize_t M, Py_ssize_t lo, Py_ssize_t hi, int nts) noexcept nogil:
     if floating is float:
-        fn_rows_scale_shift_f32(x, M, mean, alpha, beta, y, lo, hi)
+        fn_rows_scale_shift_f32(x, M, mean, alpha, beta, y, lo, hi, nts)
     else:
-        fn_rows_scale_shift_f64(x, M, mean, alpha, beta, y, lo, hi)
+        fn_rows_scale_shift_f64(x, M, mean, alpha, beta, y, lo, hi, nts)
 
 
 cdef void _rows_scale_shift_t(const floating *x, const double *mean, const double *alpha,
@@ -493,11 +502,12 @@ cdef void _rows_scale_shift_t(const floating *x, const double *mean, const doubl
                               int nt) noexcept nogil:
     # IN x (R, M), mean/alpha/beta (R,) float64   OUT y (R, M)
     cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
+    cdef int nts = _streaming((R * M) * sizeof(floating))
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
-            _rows_scale_shift_c(x, mean, alpha, beta, y, M, k * step, min(R, k * step + step))
+            _rows_scale_shift_c(x, mean, alpha, beta, y, M, k * step, min(R, k * step + step), nts)
     else:
-        _rows_scale_shift_c(x, mean, alpha, beta, y, M, 0, R)
+        _rows_scale_shift_c(x, mean, alpha, beta, y, M, 0, R, nts)
 
 
 cdef _rows_scale_shift(x, mean, alpha, beta, y, int nt):
@@ -577,11 +587,11 @@ def rows_dot_parallel(dy, x, mean, sum_dy, sum_dyxc):
 cdef inline void _rows_bwd_apply_c(const floating *dy, const floating *x, const double *mean,
                                    const double *c1, const double *c2, const double *c3,
                                    floating *dx, Py_ssize_t M, Py_ssize_t lo,
-                                   Py_ssize_t hi) noexcept nogil:
+                                   Py_ssize_t hi, int nts) noexcept nogil:
     if floating is float:
-        fn_rows_bwd_apply_f32(dy, x, M, mean, c1, c2, c3, dx, lo, hi)
+        fn_rows_bwd_apply_f32(dy, x, M, mean, c1, c2, c3, dx, lo, hi, nts)
     else:
-        fn_rows_bwd_apply_f64(dy, x, M, mean, c1, c2, c3, dx, lo, hi)
+        fn_rows_bwd_apply_f64(dy, x, M, mean, c1, c2, c3, dx, lo, hi, nts)
 
 
 cdef void _rows_bwd_apply_t(const floating *dy, const floating *x, const double *mean,
@@ -589,12 +599,13 @@ cdef void _rows_bwd_apply_t(const floating *dy, const floating *x, const double 
                             floating *dx, Py_ssize_t R, Py_ssize_t M, int nt) noexcept nogil:
     # IN dy, x (R, M), mean/c1/c2/c3 (R,) float64   OUT dx (R, M)
     cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
+    cdef int nts = _streaming((R * M) * sizeof(floating))
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
             _rows_bwd_apply_c(dy, x, mean, c1, c2, c3, dx, M, k * step,
-                              min(R, k * step + step))
+                              min(R, k * step + step), nts)
     else:
-        _rows_bwd_apply_c(dy, x, mean, c1, c2, c3, dx, M, 0, R)
+        _rows_bwd_apply_c(dy, x, mean, c1, c2, c3, dx, M, 0, R, nts)
 
 
 cdef _rows_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
@@ -699,15 +710,15 @@ def channels_moments_parallel(x, mean, m2):
 cdef inline void _ch_scale_shift_block(const floating *x, const double *mean,
                                        const double *alpha, const double *beta, floating *y,
                                        Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
-                                       Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
+                                       Py_ssize_t nb, Py_ssize_t task, int nts) noexcept nogil:
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
     if floating is float:
         fn_ch_scale_shift_f32(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
-                              y + off)
+                              y + off, nts)
     else:
         fn_ch_scale_shift_f64(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
-                              y + off)
+                              y + off, nts)
 
 
 cdef void _ch_scale_shift_t(const floating *x, const double *mean, const double *alpha,
@@ -715,12 +726,13 @@ cdef void _ch_scale_shift_t(const floating *x, const double *mean, const double 
                             Py_ssize_t C, int nt) noexcept nogil:
     # IN x (P, Q, C), mean/alpha/beta (P, C) float64   OUT y (P, Q, C)
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
+    cdef int nts = _streaming((P * Q * C) * sizeof(floating))
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _ch_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k)
+            _ch_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
     else:
         for k in range(P * nb):
-            _ch_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k)
+            _ch_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
 
 
 cdef _channels_scale_shift(x, mean, alpha, beta, y, int nt):
@@ -813,15 +825,15 @@ def channels_dot_parallel(dy, x, mean, sum_dy, sum_dyxc):
 cdef inline void _ch_bwd_apply_block(const floating *dy, const floating *x, const double *mean,
                                      const double *c1, const double *c2, const double *c3,
                                      floating *dx, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
-                                     Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
+                                     Py_ssize_t nb, Py_ssize_t task, int nts) noexcept nogil:
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
     if floating is float:
         fn_ch_bwd_apply_f32(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
-                            c3 + p * C, dx + off)
+                            c3 + p * C, dx + off, nts)
     else:
         fn_ch_bwd_apply_f64(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
-                            c3 + p * C, dx + off)
+                            c3 + p * C, dx + off, nts)
 
 
 cdef void _ch_bwd_apply_t(const floating *dy, const floating *x, const double *mean,
@@ -829,12 +841,13 @@ cdef void _ch_bwd_apply_t(const floating *dy, const floating *x, const double *m
                           Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
     # IN dy, x (P, Q, C), mean/c1/c2/c3 (P, C) float64   OUT dx (P, Q, C)
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
+    cdef int nts = _streaming((P * Q * C) * sizeof(floating))
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _ch_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k)
+            _ch_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
     else:
         for k in range(P * nb):
-            _ch_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k)
+            _ch_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
 
 
 cdef _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
@@ -873,13 +886,13 @@ def channels_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
 cdef inline void _ch_fwd_grouped_c(const floating *x, const floating *w, const floating *b,
                                    double eps, floating *y, floating *mean, floating *rstd,
                                    double *buf, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
-                                   Py_ssize_t h, Py_ssize_t p) noexcept nogil:
+                                   Py_ssize_t h, Py_ssize_t p, int nts) noexcept nogil:
     if floating is float:
         fn_ch_fwd_grouped_f32(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
-                              mean + p * G, rstd + p * G, buf)
+                              mean + p * G, rstd + p * G, buf, nts)
     else:
         fn_ch_fwd_grouped_f64(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
-                              mean + p * G, rstd + p * G, buf)
+                              mean + p * G, rstd + p * G, buf, nts)
 
 
 cdef void _ch_fwd_grouped_t(const floating *x, const floating *w, const floating *b,
@@ -890,12 +903,13 @@ cdef void _ch_fwd_grouped_t(const floating *x, const floating *w, const floating
     # buf: P slices of _grouped_scratch(Q, C) doubles; one sample per task (any thread count
     # computes each sample the same way)
     cdef Py_ssize_t p, h = _block_rows(Q, C), per = _grouped_scratch(Q, C)
+    cdef int nts = _streaming((P * Q * C) * sizeof(floating))
     if nt > 1 and P > 1:
         for p in prange(P, num_threads=nt, schedule="static"):
-            _ch_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf + p * per, Q, C, G, h, p)
+            _ch_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf + p * per, Q, C, G, h, p, nts)
     else:
         for p in range(P):
-            _ch_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf, Q, C, G, h, p)
+            _ch_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf, Q, C, G, h, p, nts)
 
 
 cdef inline Py_ssize_t _grouped_scratch(Py_ssize_t Q, Py_ssize_t C) noexcept nogil:

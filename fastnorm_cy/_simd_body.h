@@ -6,17 +6,49 @@
 
 /* ------------------------------------------------------------------ per-row helpers */
 
-/* Mean and M2 of a short contiguous block: shifted two-pass, float64 accumulation. */
+/* Reductions run in four independent vector accumulators (FN_VEC): one accumulator makes
+ * every add wait for the previous one (3-4 cycles per vector), which is slower than memory
+ * when the block is in cache. The order of the additions depends on n only. */
+
+/* Mean and M2 of a short contiguous block: two-pass, float64 accumulation. */
 FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu, double *m2)
 {
     double s = 0.0, q = 0.0, m;
-    ptrdiff_t i;
-#pragma omp simd reduction(+:s)
-    for (i = 0; i < n; i++)
+    ptrdiff_t i = 0;
+#if FN_VEC
+    fn_v8d a0 = FN_SPLAT(0), a1 = a0, a2 = a0, a3 = a0, mv;
+    int k;
+    for (; i + 32 <= n; i += 32) {
+        a0 += FN_LD8(x + i);
+        a1 += FN_LD8(x + i + 8);
+        a2 += FN_LD8(x + i + 16);
+        a3 += FN_LD8(x + i + 24);
+    }
+    a0 = (a0 + a1) + (a2 + a3);
+    for (k = 0; k < 8; k++)
+        s += a0[k];
+#endif
+    for (; i < n; i++)
         s += (double)x[i];
     m = s / (double)n;
-#pragma omp simd reduction(+:q)
-    for (i = 0; i < n; i++) {
+    i = 0;
+#if FN_VEC
+    mv = FN_SPLAT(m);
+    a0 = a1 = a2 = a3 = FN_SPLAT(0);
+    for (; i + 32 <= n; i += 32) {
+        FN_PREFETCH(x + n + i, 32 * sizeof(FN_T));
+        const fn_v8d d0 = FN_LD8(x + i) - mv, d1 = FN_LD8(x + i + 8) - mv;
+        const fn_v8d d2 = FN_LD8(x + i + 16) - mv, d3 = FN_LD8(x + i + 24) - mv;
+        a0 += d0 * d0;
+        a1 += d1 * d1;
+        a2 += d2 * d2;
+        a3 += d3 * d3;
+    }
+    a0 = (a0 + a1) + (a2 + a3);
+    for (k = 0; k < 8; k++)
+        q += a0[k];
+#endif
+    for (; i < n; i++) {
         double d = (double)x[i] - m;
         q += d * d;
     }
@@ -35,13 +67,43 @@ FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_T *x, ptrdiff_t n, doubl
 {
     FN_T s = 0, s1 = 0, s2 = 0, pilot;
     double q;
-    ptrdiff_t i;
-#pragma omp simd reduction(+:s)
-    for (i = 0; i < n; i++)
+    ptrdiff_t i = 0;
+#if FN_VEC
+    const FN_VT zero = {0};
+    FN_VT a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0, b1, pv;
+    int k;
+    for (; i + 4 * FN_VN <= n; i += 4 * FN_VN) {
+        a0 += FN_LDV(x + i);
+        a1 += FN_LDV(x + i + FN_VN);
+        a2 += FN_LDV(x + i + 2 * FN_VN);
+        a3 += FN_LDV(x + i + 3 * FN_VN);
+    }
+    a0 = (a0 + a1) + (a2 + a3);
+    for (k = 0; k < FN_VN; k++)
+        s += a0[k];
+#endif
+    for (; i < n; i++)
         s += x[i];
     pilot = (FN_T)((double)s / (double)n);
-#pragma omp simd reduction(+:s1, s2)
-    for (i = 0; i < n; i++) {
+    i = 0;
+#if FN_VEC
+    pv = zero + pilot;
+    a0 = a1 = b0 = b1 = zero;
+    for (; i + 2 * FN_VN <= n; i += 2 * FN_VN) {
+        const FN_VT d0 = FN_LDV(x + i) - pv, d1 = FN_LDV(x + i + FN_VN) - pv;
+        a0 += d0;
+        a1 += d1;
+        b0 += d0 * d0;
+        b1 += d1 * d1;
+    }
+    a0 += a1;
+    b0 += b1;
+    for (k = 0; k < FN_VN; k++) {
+        s1 += a0[k];
+        s2 += b0[k];
+    }
+#endif
+    for (; i < n; i++) {
         const FN_T d = x[i] - pilot;
         s1 += d;
         s2 += d * d;
@@ -129,12 +191,14 @@ FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
 }
 
 /* rows_fwd_grouped on rows [lo, hi): instance/group norm channels-first, the row of a
- * (sample, group) read from memory once; channel k of row r scaled by w[(r % G) * K + k].
+ * (sample, group) read from memory once, statistics and apply in FN_T lanes (as
+ * fastnorm/_numba); channel k of row r scaled by w[(r % G) * K + k].
  * IN x (R, K, S), w/b (G, K) or NULL, eps   OUT y (R, K, S), mean/rstd (R,) */
 FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, ptrdiff_t S,
                                                    ptrdiff_t G, const FN_T *w, const FN_T *b,
                                                    double eps, FN_T *y, FN_T *mean,
-                                                   FN_T *rstd, ptrdiff_t lo, ptrdiff_t hi)
+                                                   FN_T *rstd, ptrdiff_t lo, ptrdiff_t hi,
+                                                   int nts)
 {
     ptrdiff_t r, k, i, M = K * S;
     for (r = lo; r < hi; r++) {
@@ -142,27 +206,26 @@ FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
         FN_T *yr = y + r * M;
         const ptrdiff_t g = r % G;
         double mu, m2, var, rs;
-        FN_NAME(fn_row_moments)(xr, M, 0, &mu, &m2);
+        FN_NAME(fn_row_moments)(xr, M, 1, &mu, &m2); /* row in cache: FN_T lanes */
         var = m2 / (double)M;
         if (var < 0.0) /* clamp, but let NaN through */
             var = 0.0;
         rs = 1.0 / sqrt(var + eps);
+        const FN_T mh = (FN_T)mu, ml = (FN_T)(mu - (double)mh);
         for (k = 0; k < K; k++) {
             const FN_T *xs = xr + k * S;
             FN_T *ys = yr + k * S;
-            const double a = w ? rs * (double)w[g * K + k] : rs;
-            const double c = b ? (double)b[g * K + k] : 0.0;
-            i = 0;
-#if FN_VEC
-            for (; i + 8 <= S; i += 8)
-                FN_ST8(ys + i, (FN_LD8(xs + i) - FN_SPLAT(mu)) * FN_SPLAT(a) + FN_SPLAT(c));
-#endif
-            for (; i < S; i++)
-                ys[i] = (FN_T)(((double)xs[i] - mu) * a + c);
+            const FN_T a = (FN_T)(w ? rs * (double)w[g * K + k] : rs);
+            const FN_T c = b ? b[g * K + k] : (FN_T)0;
+            FN_APPLYV(i, S, ys, ((FN_LDV(xs + i) - FN_SPLATV(mh)) - FN_SPLATV(ml))
+                                * FN_SPLATV(a) + FN_SPLATV(c),
+                      ((xs[i] - mh) - ml) * a + c, nts);
         }
         mean[r] = (FN_T)mu;
         rstd[r] = (FN_T)rs;
     }
+    if (nts)
+        FN_SFENCE();
 }
 
 /* rows_bwd on rows [lo, hi) of one block; adds the block's weight/bias sums into dwb/dbb.
@@ -237,21 +300,20 @@ FN_CLONES static void FN_NAME(fn_rows_moments)(const FN_T *x, ptrdiff_t M, doubl
 FN_CLONES static void FN_NAME(fn_rows_scale_shift)(const FN_T *x, ptrdiff_t M,
                                                    const double *mean, const double *alpha,
                                                    const double *beta, FN_T *y,
-                                                   ptrdiff_t lo, ptrdiff_t hi)
+                                                   ptrdiff_t lo, ptrdiff_t hi, int nts)
 {
     ptrdiff_t r, i;
     for (r = lo; r < hi; r++) {
         const FN_T *xr = x + r * M;
         FN_T *yr = y + r * M;
-        double m = mean[r], a = alpha[r], b = beta[r];
-        i = 0;
-#if FN_VEC
-        for (; i + 8 <= M; i += 8)
-            FN_ST8(yr + i, (FN_LD8(xr + i) - FN_SPLAT(m)) * FN_SPLAT(a) + FN_SPLAT(b));
-#endif
-        for (; i < M; i++)
-            yr[i] = (FN_T)(((double)xr[i] - m) * a + b);
+        const FN_T mh = (FN_T)mean[r], ml = (FN_T)(mean[r] - (double)mh);
+        const FN_T a = (FN_T)alpha[r], b = (FN_T)beta[r];
+        FN_APPLYV(i, M, yr, ((FN_LDV(xr + i) - FN_SPLATV(mh)) - FN_SPLATV(ml)) * FN_SPLATV(a)
+                            + FN_SPLATV(b),
+                  ((xr[i] - mh) - ml) * a + b, nts);
     }
+    if (nts)
+        FN_SFENCE();
 }
 
 /* rows_dot on rows [lo, hi).
@@ -280,22 +342,20 @@ FN_CLONES static void FN_NAME(fn_rows_dot)(const FN_T *dy, const FN_T *x, ptrdif
 FN_CLONES static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
                                                  const double *mean, const double *c1,
                                                  const double *c2, const double *c3,
-                                                 FN_T *dx, ptrdiff_t lo, ptrdiff_t hi)
+                                                 FN_T *dx, ptrdiff_t lo, ptrdiff_t hi,
+                                                 int nts)
 {
     ptrdiff_t r, i;
     for (r = lo; r < hi; r++) {
         const FN_T *xr = x + r * M, *dyr = dy + r * M;
         FN_T *dxr = dx + r * M;
         double m = mean[r], a = c1[r], b = c2[r], c = c3[r];
-        i = 0;
-#if FN_VEC
-        for (; i + 8 <= M; i += 8)
-            FN_ST8(dxr + i, FN_SPLAT(a) * FN_LD8(dyr + i)
-                            + FN_SPLAT(b) * (FN_LD8(xr + i) - FN_SPLAT(m)) + FN_SPLAT(c));
-#endif
-        for (; i < M; i++)
-            dxr[i] = (FN_T)(a * (double)dyr[i] + b * ((double)xr[i] - m) + c);
+        FN_APPLY(i, M, dxr, FN_SPLAT(a) * FN_LD8(dyr + i)
+                            + FN_SPLAT(b) * (FN_LD8(xr + i) - FN_SPLAT(m)) + FN_SPLAT(c),
+                 a * (double)dyr[i] + b * ((double)xr[i] - m) + c, nts);
     }
+    if (nts)
+        FN_SFENCE();
 }
 
 /* ------------------------------------------------------------------ channels kernels
@@ -349,26 +409,47 @@ FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff
     }
 }
 
-/* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b
+/* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b in FN_T lanes
+ * (see FN_APPLYV), the coefficients converted for FN_CH_COLS columns at a time.
  * y is x (in place) or does not overlap it (checked by the caller); each vector is loaded
  * before it is stored, so both cases run the same loop. */
+#define FN_CH_COLS 256
 FN_CLONES static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
                                                  const double *FN_RESTRICT m,
                                                  const double *FN_RESTRICT a,
-                                                 const double *FN_RESTRICT b, FN_T *y)
+                                                 const double *FN_RESTRICT b, FN_T *y,
+                                                 int nts)
 {
-    ptrdiff_t q, c;
-    for (q = 0; q < n; q++) {
-        const FN_T *xr = x + q * C;
-        FN_T *yr = y + q * C;
-        c = 0;
-#if FN_VEC
-        for (; c + 8 <= C; c += 8)
-            FN_ST8(yr + c, (FN_LD8(xr + c) - FN_LD8D(m + c)) * FN_LD8D(a + c) + FN_LD8D(b + c));
-#endif
-        for (; c < C; c++)
-            yr[c] = (FN_T)(((double)xr[c] - m[c]) * a[c] + b[c]);
+    FN_T mh[FN_CH_COLS], ml[FN_CH_COLS], af[FN_CH_COLS], bf[FN_CH_COLS];
+    ptrdiff_t q, c, c0;
+    for (c0 = 0; c0 < C; c0 += FN_CH_COLS) {
+        const ptrdiff_t w = C - c0 < FN_CH_COLS ? C - c0 : FN_CH_COLS;
+        for (c = 0; c < w; c++) {
+            mh[c] = (FN_T)m[c0 + c];
+            ml[c] = (FN_T)(m[c0 + c] - (double)mh[c]);
+            af[c] = (FN_T)a[c0 + c];
+            bf[c] = (FN_T)b[c0 + c];
+        }
+#define FN_CH_SS_ROWS(W) \
+        for (q = 0; q < n; q++) { \
+            const FN_T *xr = x + q * C + c0; \
+            FN_T *yr = y + q * C + c0; \
+            FN_APPLYV(c, W, yr, ((FN_LDV(xr + c) - FN_LDV(mh + c)) - FN_LDV(ml + c)) \
+                                * FN_LDV(af + c) + FN_LDV(bf + c), \
+                      ((xr[c] - mh[c]) - ml[c]) * af[c] + bf[c], nts); \
+        }
+        /* a row width known at compile time: the coefficients stay in registers */
+        switch (w) {
+        case 16: FN_CH_SS_ROWS(16); break;
+        case 32: FN_CH_SS_ROWS(32); break;
+        case 64: FN_CH_SS_ROWS(64); break;
+        case 128: FN_CH_SS_ROWS(128); break;
+        default: FN_CH_SS_ROWS(w);
+        }
+#undef FN_CH_SS_ROWS
     }
+    if (nts)
+        FN_SFENCE();
 }
 
 /* IN dy, x blocks (n, C), m (C,) float64   OUT s, sx (C,) float64: sums of dy, dy*(x - m) */
@@ -413,22 +494,19 @@ FN_CLONES static void FN_NAME(fn_ch_bwd_apply)(const FN_T *FN_RESTRICT dy,
                                                const double *FN_RESTRICT c1,
                                                const double *FN_RESTRICT c2,
                                                const double *FN_RESTRICT c3,
-                                               FN_T *FN_RESTRICT dx)
+                                               FN_T *FN_RESTRICT dx, int nts)
 {
     ptrdiff_t q, c;
     for (q = 0; q < n; q++) {
         const FN_T *FN_RESTRICT xr = x + q * C, *FN_RESTRICT dyr = dy + q * C;
         FN_T *FN_RESTRICT dxr = dx + q * C;
-        c = 0;
-#if FN_VEC
-        for (; c + 8 <= C; c += 8)
-            FN_ST8(dxr + c, FN_LD8D(c1 + c) * FN_LD8(dyr + c)
+        FN_APPLY(c, C, dxr, FN_LD8D(c1 + c) * FN_LD8(dyr + c)
                             + FN_LD8D(c2 + c) * (FN_LD8(xr + c) - FN_LD8D(m + c))
-                            + FN_LD8D(c3 + c));
-#endif
-        for (; c < C; c++)
-            dxr[c] = (FN_T)(c1[c] * (double)dyr[c] + c2[c] * ((double)xr[c] - m[c]) + c3[c]);
+                            + FN_LD8D(c3 + c),
+                 c1[c] * (double)dyr[c] + c2[c] * ((double)xr[c] - m[c]) + c3[c], nts);
     }
+    if (nts)
+        FN_SFENCE();
 }
 
 /* channels_fwd_grouped for one sample: IN x (Q, C), w/b (C,) or NULL, G groups of K = C/G
@@ -441,7 +519,7 @@ FN_CLONES static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptr
                                                  ptrdiff_t G, ptrdiff_t h, const FN_T *w,
                                                  const FN_T *b, double eps, FN_T *y,
                                                  FN_T *mean, FN_T *rstd,
-                                                 double *FN_RESTRICT buf)
+                                                 double *FN_RESTRICT buf, int nts)
 {
     const ptrdiff_t nb = (Q + h - 1) / h, K = C / G;
     double *bmean = buf, *bm2 = buf + nb * C, *m = bm2 + nb * C, *m2 = m + C;
@@ -473,7 +551,7 @@ FN_CLONES static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptr
         mean[g] = (FN_T)mg;
         rstd[g] = (FN_T)r64;
     }
-    FN_NAME(fn_ch_scale_shift)(x, Q, C, m, a, be, y);
+    FN_NAME(fn_ch_scale_shift)(x, Q, C, m, a, be, y, nts);
 }
 
 /* Eval-mode coefficients from fixed statistics (channels_eval): IN mean/var (C,), w/b (C,)

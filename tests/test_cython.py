@@ -603,3 +603,85 @@ def test_eight_threads_get_the_serial_results(backend):
         for rep, got in enumerate(results[k]):
             for i, (g, e) in enumerate(zip(got, expected[rep % 2])):
                 np.testing.assert_array_equal(g, e, err_msg=f"thread {k} call {rep} out {i}")
+
+
+@needs_cy
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_stores_write_the_same_bits(dtype):
+    """Outputs of FN_STREAM_MIN (8 MiB) or more are written with non-temporal stores, from
+    the first 16-byte aligned element of each row: a big call (rows of odd width, outputs
+    misaligned by one element) gives the bits of the same work done in small calls."""
+    rng = np.random.default_rng(7)
+    R, M = 2 ** 23 // (37 * np.dtype(dtype).itemsize) + 5, 37     # > 8 MiB, odd rows
+    x = (3 + rng.standard_normal((R, M))).astype(dtype)
+    dy = rng.standard_normal((R, M)).astype(dtype)
+    per = [rng.standard_normal(R) for _ in range(4)]
+
+    def out(shape):   # misaligned by one element: the peel loop runs on every row
+        return np.empty(int(np.prod(shape)) + 1, dtype)[1:].reshape(shape)
+
+    def both(kernel, big, small):
+        """(outputs of one big call, outputs of calls on slices of at most 64 K elements)"""
+        res = []
+        for run in (big, small):
+            outs = run()
+            res.append(outs)
+        for a, b in zip(*res):
+            np.testing.assert_array_equal(a, b, err_msg=kernel)
+
+    cut = [slice(i, i + 1024) for i in range(0, R, 1024)]
+    k = cy.KERNELS["rows_scale_shift"][1]
+
+    def rows_ss(sl_list):
+        y = out((R, M))
+        for s in sl_list:
+            k(x[s], per[0][s], per[1][s], per[2][s], y[s])
+        return [y]
+    both("rows_scale_shift", lambda: rows_ss([slice(None)]), lambda: rows_ss(cut))
+    k = cy.KERNELS["rows_bwd_apply"][1]
+
+    def rows_ba(sl_list):
+        dx = out((R, M))
+        for s in sl_list:
+            k(dy[s], x[s], per[0][s], per[1][s], per[2][s], per[3][s], dx[s])
+        return [dx]
+    both("rows_bwd_apply", lambda: rows_ba([slice(None)]), lambda: rows_ba(cut))
+    xg = x[:R - R % 4].reshape(-1, 4, M)    # (R/4, K=4, S=37): groups of four rows, G = 2
+    wg, bg = (rng.standard_normal((2, 4)).astype(dtype) for _ in range(2))
+    k = cy.KERNELS["rows_fwd_grouped"][1]
+
+    def rows_fg(sl_list):
+        y, m, r = out(xg.shape), np.empty(len(xg), dtype), np.empty(len(xg), dtype)
+        for s in sl_list:   # slices of an even number of rows keep r % G
+            k(xg[s], wg, bg, 1e-5, y[s], m[s], r[s])
+        return [y, m, r]
+    both("rows_fwd_grouped", lambda: rows_fg([slice(None)]), lambda: rows_fg(cut))
+    x3, dy3 = x.reshape(1, R, M), dy.reshape(1, R, M)
+    pc = [rng.standard_normal((1, M)) for _ in range(4)]
+    k = cy.KERNELS["channels_scale_shift"][1]
+
+    def ch_ss(sl_list):
+        y = out((1, R, M))
+        for s in sl_list:
+            k(x3[:, s], pc[0], pc[1], pc[2], y[:, s])
+        return [y]
+    both("channels_scale_shift", lambda: ch_ss([slice(None)]), lambda: ch_ss(cut))
+    k = cy.KERNELS["channels_bwd_apply"][1]
+
+    def ch_ba(sl_list):
+        dx = out((1, R, M))
+        for s in sl_list:
+            k(dy3[:, s], x3[:, s], *pc, dx[:, s])
+        return [dx]
+    both("channels_bwd_apply", lambda: ch_ba([slice(None)]), lambda: ch_ba(cut))
+    xq = x[:R - R % 64].reshape(64, -1, M)   # 64 samples, instance norm (G = C = 37)
+    wq, bq = (rng.standard_normal(M).astype(dtype) for _ in range(2))
+    k = cy.KERNELS["channels_fwd_grouped"][1]
+
+    def ch_fg(sl_list):
+        y, m, r = out(xq.shape), np.empty((64, M), dtype), np.empty((64, M), dtype)
+        for s in sl_list:
+            k(xq[s], wq, bq, 1e-5, y[s], m[s], r[s])
+        return [y, m, r]
+    both("channels_fwd_grouped", lambda: ch_fg([slice(None)]),
+         lambda: ch_fg([slice(i, i + 1) for i in range(64)]))
