@@ -208,16 +208,22 @@ def get_num_threads():
     return _num_threads[0]
 
 
+# Backends whose kernels check every argument (type, dtype, shape, contiguity, alignment)
+# and raise TypeError/ValueError before touching memory.
+CHECKING = frozenset({"cython"})
+
+
 def fast_kernel(name, backend, work):
-    """resolve(backend) + kernel(name, ...) in one call, for the API's one-call fast paths;
-    None when the call belongs to the CUDA path (the general path routes it)."""
+    """resolve(backend) + kernel(name, ...) in one call, for the API's one-call fast paths:
+    (kernel, whether it checks its arguments itself); (None, False) when the call belongs
+    to the CUDA path (the general path routes it)."""
     if backend is None:
         backend = _current.get() or default_backend()
     if backend not in _LOADED:
         if backend == "cuda":
-            return None
+            return None, False
         resolve(backend)  # loads it, or raises ValueError
-    return kernel(name, backend, work)
+    return kernel(name, backend, work), backend in CHECKING
 
 
 def kernel(name, backend, work):

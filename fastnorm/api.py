@@ -188,8 +188,10 @@ def _finish(y, final):
 # validation and layout planning and ~0.3 us in the kernel. The fast paths below take the
 # common case only -- C-contiguous aligned float32/64 ndarrays, plain weights of the same
 # dtype, no out=/return_stats, a float eps > 0, a CPU backend -- and return None for
-# anything else, which then goes through the general path (and its error messages). They
-# call the same kernels, so the results are the same bits (tests/test_cython.py).
+# anything else, which then goes through the general path (and its error messages). The
+# weights are checked here, or, on a backend whose kernels check every argument themselves
+# (Cython: ~1 us less per call), by the kernel: what it rejects goes to the general path.
+# They call the same kernels, so the results are the same bits (tests/test_cython.py).
 
 def _plain(a, n, dtype):
     """True for None or a C-contiguous aligned ndarray of shape (n,) and ``dtype``."""
@@ -207,15 +209,17 @@ def _rows_fast(x, normalized_shape, weight, bias, eps, rms, out, return_stats, b
     if not ((normalized_shape == M) if type(normalized_shape) is int
             else (type(normalized_shape) is tuple and normalized_shape == (M,))):
         return None
-    if not (_plain(weight, M, x.dtype) and _plain(bias, M, x.dtype)):
-        return None
-    k = _dispatch.fast_kernel("rows_fwd", backend, x.size)
-    if k is None:
+    k, checks = _dispatch.fast_kernel("rows_fwd", backend, x.size)
+    if k is None or not (checks or _plain(weight, M, x.dtype) and _plain(bias, M, x.dtype)):
         return None
     R = x.size // M
     y = np.empty_like(x)
     mean, rstd = np.empty(R, x.dtype), np.empty(R, x.dtype)
-    k(x.reshape(R, M), weight, bias, eps, rms, y.reshape(R, M), mean, rstd)
+    x2, y2 = (x, y) if x.ndim == 2 else (x.reshape(R, M), y.reshape(R, M))
+    try:
+        k(x2, weight, bias, eps, rms, y2, mean, rstd)
+    except (TypeError, ValueError):  # an argument the kernel declines: the general path
+        return None
     return y
 
 
@@ -228,15 +232,17 @@ def _batch_eval_fast(x, rm, rv, weight, bias, training, eps, axis, out, return_s
             or not x.flags.c_contiguous or not x.flags.aligned):
         return None
     C = x.shape[-1]
-    if rm is None or rv is None or not (_plain(rm, C, x.dtype) and _plain(rv, C, x.dtype)
-                                        and _plain(weight, C, x.dtype)
-                                        and _plain(bias, C, x.dtype)):
+    if rm is None or rv is None:
         return None
-    k = _dispatch.fast_kernel("channels_eval", backend, x.size)
-    if k is None:
+    k, checks = _dispatch.fast_kernel("channels_eval", backend, x.size)
+    if k is None or not (checks or _plain(rm, C, x.dtype) and _plain(rv, C, x.dtype)
+                         and _plain(weight, C, x.dtype) and _plain(bias, C, x.dtype)):
         return None
     y = np.empty_like(x)
-    k(x, rm, rv, weight, bias, eps, y)
+    try:
+        k(x, rm, rv, weight, bias, eps, y)
+    except (TypeError, ValueError):  # an argument the kernel declines: the general path
+        return None
     return y
 
 

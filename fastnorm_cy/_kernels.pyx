@@ -103,11 +103,17 @@ cdef extern from "_simd.h" nogil:
                                Py_ssize_t h, const double *w, const double *b, double eps,
                                double *y, double *mean, double *rstd, double *buf, int nts)
     void fn_ch_eval_coefs_f32(const float *mean, const float *var, const float *w,
-                              const float *b, double eps, Py_ssize_t C, double *m, double *a,
-                              double *be)
+                              const float *b, double eps, Py_ssize_t C, float *mh, float *ml,
+                              float *af, float *bf)
     void fn_ch_eval_coefs_f64(const double *mean, const double *var, const double *w,
-                              const double *b, double eps, Py_ssize_t C, double *m, double *a,
-                              double *be)
+                              const double *b, double eps, Py_ssize_t C, double *mh,
+                              double *ml, double *af, double *bf)
+    void fn_ch_eval_apply_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const float *mh,
+                              const float *ml, const float *af, const float *bf, float *y,
+                              int nts)
+    void fn_ch_eval_apply_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *mh,
+                              const double *ml, const double *af, const double *bf,
+                              double *y, int nts)
     void fn_ch_merge_moments(Py_ssize_t nb, Py_ssize_t h, Py_ssize_t Q, Py_ssize_t C,
                              const double *bmean, const double *bm2, double *mean,
                              double *m2)
@@ -962,18 +968,36 @@ def channels_fwd_grouped_parallel(x, weight, bias, eps, y, mean, rstd):
 # so that one-row inference (BN eval on (1, C)) is one call with no NumPy temporaries.
 # fastnorm._dispatch composes it from channels_scale_shift for backends without it.
 
+cdef inline void _ch_eval_block(const floating *x, const floating *cf, floating *y,
+                                Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t k,
+                                int nts) noexcept nogil:
+    # rows [k*h, min(Q, (k+1)*h)) with the coefficients cf = mh, ml, af, bf (4 x C)
+    cdef Py_ssize_t n = min(Q, k * h + h) - k * h
+    if floating is float:
+        fn_ch_eval_apply_f32(x + k * h * C, n, C, cf, cf + C, cf + 2 * C, cf + 3 * C,
+                             y + k * h * C, nts)
+    else:
+        fn_ch_eval_apply_f64(x + k * h * C, n, C, cf, cf + C, cf + 2 * C, cf + 3 * C,
+                             y + k * h * C, nts)
+
+
 cdef void _ch_eval_t(const floating *x, const floating *mean, const floating *var,
                      const floating *w, const floating *b, double eps, floating *y,
-                     double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
-                     int nt) noexcept nogil:
-    # IN x (P, Q, C), mean/var (C,), w/b (C,)|NULL   OUT y = (x - mean) * (rstd * w) + b
-    # (the caller passes P = 1: coefficients are per channel only)
+                     floating *cf, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
+    # IN x (Q, C), mean/var (C,), w/b (C,)|NULL   OUT y = (x - mean) * (rstd * w) + b
+    # cf: room for 4 * C coefficients
+    cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
+    cdef int nts = _streaming((Q * C) * sizeof(floating))
     if floating is float:
-        fn_ch_eval_coefs_f32(mean, var, w, b, eps, C, buf, buf + C, buf + 2 * C)
+        fn_ch_eval_coefs_f32(mean, var, w, b, eps, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
     else:
-        fn_ch_eval_coefs_f64(mean, var, w, b, eps, C, buf, buf + C, buf + 2 * C)
-    # coefficients are shared by every p: x is one (1, P*Q, C) block grid
-    _ch_scale_shift_t(x, buf, buf + C, buf + 2 * C, y, 1, P * Q, C, nt)
+        fn_ch_eval_coefs_f64(mean, var, w, b, eps, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
+    if nt > 1 and nb > 1:
+        for k in prange(nb, num_threads=nt, schedule="static"):
+            _ch_eval_block(x, cf, y, Q, C, h, k, nts)
+    else:
+        for k in range(nb):
+            _ch_eval_block(x, cf, y, Q, C, h, k, nts)
 
 
 cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
@@ -984,7 +1008,7 @@ cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
     if nd < 1:
         raise ValueError("x must have at least 1 dimension")
     cdef int t = _dtype(x, "x", nd)
-    cdef Py_ssize_t C = _dim(x, nd - 1), P = 1
+    cdef Py_ssize_t C = _dim(x, nd - 1)
     cdef Py_ssize_t Q = cnp.PyArray_SIZE(<cnp.ndarray>x) // C if C else 0
     if not (cnp.PyArray_Check(y) and cnp.PyArray_SAMESHAPE(<cnp.ndarray>x, <cnp.ndarray>y)):
         raise ValueError(f"y must have the shape of x {x.shape}")
@@ -1001,18 +1025,18 @@ cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
     cdef void *pv = _data(var, "var", t, 1, False, C)
     cdef void *pw = _opt(weight, "weight", t, 1, False, C)
     cdef void *pb = _opt(bias, "bias", t, 1, False, C)
-    cdef double *buf = <double *>malloc(max(1, 3 * C) * sizeof(double))
+    cdef double *buf = <double *>malloc(max(1, 4 * C) * sizeof(double))  # 4 x C coefficients
     if buf == NULL:
         raise MemoryError()
     with nogil:
         if t == _F32:
             _ch_eval_t(<const float *>px, <const float *>pm, <const float *>pv,
-                       <const float *>pw, <const float *>pb, eps, <float *>py, buf, P, Q, C,
-                       nt)
+                       <const float *>pw, <const float *>pb, eps, <float *>py, <float *>buf,
+                       Q, C, nt)
         else:
             _ch_eval_t(<const double *>px, <const double *>pm, <const double *>pv,
-                       <const double *>pw, <const double *>pb, eps, <double *>py, buf, P, Q,
-                       C, nt)
+                       <const double *>pw, <const double *>pb, eps, <double *>py,
+                       <double *>buf, Q, C, nt)
     free(buf)
 
 

@@ -67,6 +67,13 @@ typedef double fn_v8d __attribute__((vector_size(64)));
 #define FN_ST8F(p, d) do { fn_v8f v_ = __builtin_convertvector((d), fn_v8f); \
                            memcpy((p), &v_, sizeof v_); } while (0)
 #define FN_SPLAT(s) ((fn_v8d){0, 0, 0, 0, 0, 0, 0, 0} + (double)(s))
+/* Sum of the lanes of vector v (n lanes of type T) by halves: log2(n) dependent adds, where
+ * a lane-by-lane sum would chain n of them (the reductions end every row of a layer norm) */
+#define FN_HSUM(T, n, v) __extension__({ T t_[n]; int w_, k_; memcpy(t_, &(v), sizeof t_); \
+                                         for (w_ = (n) / 2; w_ >= 1; w_ /= 2) \
+                                             for (k_ = 0; k_ < w_; k_++) \
+                                                 t_[k_] += t_[k_ + w_]; \
+                                         t_[0]; })
 /* 64 bytes of FN_T (16 floats / 8 doubles), for reductions in FN_T lanes */
 typedef float fn_v16f __attribute__((vector_size(64)));
 #define FN_LDV(p) __extension__({ FN_VT v_; memcpy(&v_, (p), sizeof v_); v_; })

@@ -17,7 +17,6 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
     ptrdiff_t i = 0;
 #if FN_VEC
     fn_v8d a0 = FN_SPLAT(0), a1 = a0, a2 = a0, a3 = a0, mv;
-    int k;
     for (; i + 32 <= n; i += 32) {
         a0 += FN_LD8(x + i);
         a1 += FN_LD8(x + i + 8);
@@ -25,8 +24,7 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
         a3 += FN_LD8(x + i + 24);
     }
     a0 = (a0 + a1) + (a2 + a3);
-    for (k = 0; k < 8; k++)
-        s += a0[k];
+    s = FN_HSUM(double, 8, a0);
 #endif
     for (; i < n; i++)
         s += (double)x[i];
@@ -45,8 +43,7 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
         a3 += d3 * d3;
     }
     a0 = (a0 + a1) + (a2 + a3);
-    for (k = 0; k < 8; k++)
-        q += a0[k];
+    q = FN_HSUM(double, 8, a0);
 #endif
     for (; i < n; i++) {
         double d = (double)x[i] - m;
@@ -67,43 +64,13 @@ FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_T *x, ptrdiff_t n, doubl
 {
     FN_T s = 0, s1 = 0, s2 = 0, pilot;
     double q;
-    ptrdiff_t i = 0;
-#if FN_VEC
-    const FN_VT zero = {0};
-    FN_VT a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0, b1, pv;
-    int k;
-    for (; i + 4 * FN_VN <= n; i += 4 * FN_VN) {
-        a0 += FN_LDV(x + i);
-        a1 += FN_LDV(x + i + FN_VN);
-        a2 += FN_LDV(x + i + 2 * FN_VN);
-        a3 += FN_LDV(x + i + 3 * FN_VN);
-    }
-    a0 = (a0 + a1) + (a2 + a3);
-    for (k = 0; k < FN_VN; k++)
-        s += a0[k];
-#endif
-    for (; i < n; i++)
+    ptrdiff_t i;
+#pragma omp simd reduction(+:s)
+    for (i = 0; i < n; i++)
         s += x[i];
     pilot = (FN_T)((double)s / (double)n);
-    i = 0;
-#if FN_VEC
-    pv = zero + pilot;
-    a0 = a1 = b0 = b1 = zero;
-    for (; i + 2 * FN_VN <= n; i += 2 * FN_VN) {
-        const FN_VT d0 = FN_LDV(x + i) - pv, d1 = FN_LDV(x + i + FN_VN) - pv;
-        a0 += d0;
-        a1 += d1;
-        b0 += d0 * d0;
-        b1 += d1 * d1;
-    }
-    a0 += a1;
-    b0 += b1;
-    for (k = 0; k < FN_VN; k++) {
-        s1 += a0[k];
-        s2 += b0[k];
-    }
-#endif
-    for (; i < n; i++) {
+#pragma omp simd reduction(+:s1, s2)
+    for (i = 0; i < n; i++) {
         const FN_T d = x[i] - pilot;
         s1 += d;
         s2 += d * d;
@@ -409,10 +376,36 @@ FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff
     }
 }
 
-/* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b in FN_T lanes
- * (see FN_APPLYV), the coefficients converted for FN_CH_COLS columns at a time.
- * y is x (in place) or does not overlap it (checked by the caller); each vector is loaded
- * before it is stored, so both cases run the same loop. */
+/* n rows of w columns, row stride ld: y = ((x - mh) - ml) * af + bf in FN_T lanes (see
+ * FN_APPLYV) with FN_T coefficients (w,). y is x (in place) or does not overlap it (checked by
+ * the caller); each vector is loaded before it is stored, so both run the same loop. */
+FN_INLINE void FN_NAME(fn_ch_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t w, ptrdiff_t ld,
+                                    const FN_T *FN_RESTRICT mh, const FN_T *FN_RESTRICT ml,
+                                    const FN_T *FN_RESTRICT af, const FN_T *FN_RESTRICT bf,
+                                    FN_T *y, int nts)
+{
+    ptrdiff_t q, c;
+#define FN_CH_ROWS(W) \
+    for (q = 0; q < n; q++) { \
+        const FN_T *xr = x + q * ld; \
+        FN_T *yr = y + q * ld; \
+        FN_APPLYV(c, W, yr, ((FN_LDV(xr + c) - FN_LDV(mh + c)) - FN_LDV(ml + c)) \
+                            * FN_LDV(af + c) + FN_LDV(bf + c), \
+                  ((xr[c] - mh[c]) - ml[c]) * af[c] + bf[c], nts); \
+    }
+    /* a row width known at compile time: the coefficients stay in registers */
+    switch (w) {
+    case 16: FN_CH_ROWS(16); break;
+    case 32: FN_CH_ROWS(32); break;
+    case 64: FN_CH_ROWS(64); break;
+    case 128: FN_CH_ROWS(128); break;
+    default: FN_CH_ROWS(w);
+    }
+#undef FN_CH_ROWS
+}
+
+/* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b, in FN_T lanes: the
+ * mean split hi + lo, a and b rounded to FN_T, FN_CH_COLS columns at a time. */
 #define FN_CH_COLS 256
 FN_CLONES static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
                                                  const double *FN_RESTRICT m,
@@ -421,7 +414,7 @@ FN_CLONES static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptr
                                                  int nts)
 {
     FN_T mh[FN_CH_COLS], ml[FN_CH_COLS], af[FN_CH_COLS], bf[FN_CH_COLS];
-    ptrdiff_t q, c, c0;
+    ptrdiff_t c, c0;
     for (c0 = 0; c0 < C; c0 += FN_CH_COLS) {
         const ptrdiff_t w = C - c0 < FN_CH_COLS ? C - c0 : FN_CH_COLS;
         for (c = 0; c < w; c++) {
@@ -430,23 +423,7 @@ FN_CLONES static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptr
             af[c] = (FN_T)a[c0 + c];
             bf[c] = (FN_T)b[c0 + c];
         }
-#define FN_CH_SS_ROWS(W) \
-        for (q = 0; q < n; q++) { \
-            const FN_T *xr = x + q * C + c0; \
-            FN_T *yr = y + q * C + c0; \
-            FN_APPLYV(c, W, yr, ((FN_LDV(xr + c) - FN_LDV(mh + c)) - FN_LDV(ml + c)) \
-                                * FN_LDV(af + c) + FN_LDV(bf + c), \
-                      ((xr[c] - mh[c]) - ml[c]) * af[c] + bf[c], nts); \
-        }
-        /* a row width known at compile time: the coefficients stay in registers */
-        switch (w) {
-        case 16: FN_CH_SS_ROWS(16); break;
-        case 32: FN_CH_SS_ROWS(32); break;
-        case 64: FN_CH_SS_ROWS(64); break;
-        case 128: FN_CH_SS_ROWS(128); break;
-        default: FN_CH_SS_ROWS(w);
-        }
-#undef FN_CH_SS_ROWS
+        FN_NAME(fn_ch_apply)(x + c0, n, w, C, mh, ml, af, bf, y + c0, nts);
     }
     if (nts)
         FN_SFENCE();
@@ -555,18 +532,33 @@ FN_CLONES static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptr
 }
 
 /* Eval-mode coefficients from fixed statistics (channels_eval): IN mean/var (C,), w/b (C,)
- * or NULL, eps   OUT m, a, be (C,) float64, so that y = (x - m) * a + be. The same
- * operations as the API's NumPy path: rstd = 1 / sqrt(var + eps), a = rstd * w. */
+ * or NULL, eps   OUT mh, ml, af, bf (C,) FN_T for fn_ch_eval_apply. The values
+ * fn_ch_scale_shift would convert from the API's NumPy coefficients (rstd = 1 / sqrt(var +
+ * eps) and a = rstd * w in float64, then rounded), so fused and composed give the same bits;
+ * the mean is already FN_T, so its low part is 0. */
 FN_CLONES static void FN_NAME(fn_ch_eval_coefs)(const FN_T *mean, const FN_T *var,
                                                 const FN_T *w, const FN_T *b, double eps,
-                                                ptrdiff_t C, double *m, double *a, double *be)
+                                                ptrdiff_t C, FN_T *mh, FN_T *ml, FN_T *af,
+                                                FN_T *bf)
 {
     ptrdiff_t c;
 #pragma omp simd
     for (c = 0; c < C; c++) {
         double rs = 1.0 / sqrt((double)var[c] + eps);
-        m[c] = (double)mean[c];
-        a[c] = w == NULL ? rs : rs * (double)w[c];
-        be[c] = b == NULL ? 0.0 : (double)b[c];
+        mh[c] = mean[c];
+        ml[c] = 0;
+        af[c] = (FN_T)(w == NULL ? rs : rs * (double)w[c]);
+        bf[c] = b == NULL ? (FN_T)0 : b[c];
     }
+}
+
+/* channels_eval on a block of n rows (n, C) with the coefficients of fn_ch_eval_coefs */
+FN_CLONES static void FN_NAME(fn_ch_eval_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+                                                const FN_T *mh, const FN_T *ml,
+                                                const FN_T *af, const FN_T *bf, FN_T *y,
+                                                int nts)
+{
+    FN_NAME(fn_ch_apply)(x, n, C, C, mh, ml, af, bf, y, nts);
+    if (nts)
+        FN_SFENCE();
 }
