@@ -329,50 +329,75 @@ FN_CLONES static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, 
  * One call = one block of n rows of width C (rows q of x[p], contiguous). The inner loop
  * runs along c, so it vectorizes without reassociating anything. */
 
-/* IN x block (n, C)   OUT mu, s2 (C,) float64: the block's mean and M2 per column */
+/* Column sums over the n rows of a block, W (a compile-time multiple of 8, <= 64) columns
+ * from c0, with W/8 vector accumulators per sum held in registers for the whole block; the
+ * remaining columns (C % 8) one by one. Rows are added in order, so the result depends on
+ * the block only. */
+#define FN_CH_COLS_DO(W, BODY) do { \
+        switch (W) { \
+        case 8: BODY(8); break; \
+        case 16: BODY(16); break; \
+        case 24: BODY(24); break; \
+        case 32: BODY(32); break; \
+        case 40: BODY(40); break; \
+        case 48: BODY(48); break; \
+        case 56: BODY(56); break; \
+        case 64: BODY(64); break; \
+        } \
+    } while (0)
+
+/* IN x block (n, C)   OUT mu, s2 (C,) float64: the block's mean and M2 per column, two
+ * passes (the block is in L1 for the second), float64 accumulation */
 FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
                                              double *FN_RESTRICT mu, double *FN_RESTRICT s2)
 {
-    ptrdiff_t q, c;
-    for (c = 0; c < C; c++) {
-        mu[c] = 0.0;
-        s2[c] = 0.0;
+    ptrdiff_t q, c, c0 = 0;
+#if FN_VEC
+#define FN_MOM(W) { \
+        fn_v8d a_[(W) / 8], m_[(W) / 8]; \
+        int j_; \
+        for (j_ = 0; j_ < (W) / 8; j_++) \
+            a_[j_] = FN_SPLAT(0); \
+        for (q = 0; q < n; q++) \
+            for (j_ = 0; j_ < (W) / 8; j_++) \
+                a_[j_] += FN_LD8(x + q * C + c0 + 8 * j_); \
+        for (j_ = 0; j_ < (W) / 8; j_++) { \
+            m_[j_] = a_[j_] / FN_SPLAT(n); \
+            a_[j_] = FN_SPLAT(0); \
+        } \
+        for (q = 0; q < n; q++) { /* from L1; meanwhile fetch the next block's row q */ \
+            FN_PREFETCH(x + (n + q) * C + c0, (W) * sizeof(FN_T)); \
+            for (j_ = 0; j_ < (W) / 8; j_++) { \
+                const fn_v8d d_ = FN_LD8(x + q * C + c0 + 8 * j_) - m_[j_]; \
+                a_[j_] += d_ * d_; \
+            } \
+        } \
+        for (j_ = 0; j_ < (W) / 8; j_++) { \
+            FN_ST8D(mu + c0 + 8 * j_, m_[j_]); \
+            FN_ST8D(s2 + c0 + 8 * j_, a_[j_]); \
+        } \
     }
-    /* four rows per sweep of the accumulators: a quarter of the per-row loop overhead and
-     * accumulator traffic (C is often small, e.g. 64); same order as fastnorm/_numba */
-    const ptrdiff_t n4 = n - n % 4;
-    for (q = 0; q < n4; q += 4) {
-        const FN_T *r0 = x + q * C, *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;
-#pragma omp simd
-        for (c = 0; c < C; c++)
-            mu[c] += ((double)r0[c] + (double)r1[c]) + ((double)r2[c] + (double)r3[c]);
-    }
-    for (q = n4; q < n; q++) {
-        const FN_T *row = x + q * C;
-#pragma omp simd
-        for (c = 0; c < C; c++)
-            mu[c] += (double)row[c];
-    }
-#pragma omp simd
-    for (c = 0; c < C; c++)
-        mu[c] /= (double)n;
-    for (q = 0; q < n4; q += 4) {
-        const FN_T *r0 = x + q * C, *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;
-#pragma omp simd
-        for (c = 0; c < C; c++) {
-            const double mc = mu[c];
-            const double d0 = (double)r0[c] - mc, d1 = (double)r1[c] - mc;
-            const double d2 = (double)r2[c] - mc, d3 = (double)r3[c] - mc;
-            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    for (; c0 + 8 <= C; c0 += 64) {
+        const ptrdiff_t w = (C - c0) / 8 * 8 < 64 ? (C - c0) / 8 * 8 : 64;
+        FN_CH_COLS_DO(w, FN_MOM);
+        if (w < 64) {
+            c0 += w;
+            break;
         }
     }
-    for (q = n4; q < n; q++) {
-        const FN_T *row = x + q * C;
-#pragma omp simd
-        for (c = 0; c < C; c++) {
-            double d = (double)row[c] - mu[c];
-            s2[c] += d * d;
+#undef FN_MOM
+#endif
+    for (c = c0; c < C; c++) { /* the columns left over, one at a time */
+        double s = 0.0, t = 0.0, mc;
+        for (q = 0; q < n; q++)
+            s += (double)x[q * C + c];
+        mc = s / (double)n;
+        for (q = 0; q < n; q++) {
+            const double d = (double)x[q * C + c] - mc;
+            t += d * d;
         }
+        mu[c] = mc;
+        s2[c] = t;
     }
 }
 
@@ -434,32 +459,45 @@ FN_CLONES static void FN_NAME(fn_ch_dot)(const FN_T *dy, const FN_T *x, ptrdiff_
                                          ptrdiff_t C, const double *FN_RESTRICT m,
                                          double *FN_RESTRICT s, double *FN_RESTRICT sx)
 {
-    ptrdiff_t q, c;
-    for (c = 0; c < C; c++) {
-        s[c] = 0.0;
-        sx[c] = 0.0;
+    ptrdiff_t q, c, c0 = 0;
+#if FN_VEC
+#define FN_DOT(W) { \
+        fn_v8d a_[(W) / 8], b_[(W) / 8], m_[(W) / 8]; \
+        int j_; \
+        for (j_ = 0; j_ < (W) / 8; j_++) { \
+            a_[j_] = b_[j_] = FN_SPLAT(0); \
+            m_[j_] = FN_LD8D(m + c0 + 8 * j_); \
+        } \
+        for (q = 0; q < n; q++) \
+            for (j_ = 0; j_ < (W) / 8; j_++) { \
+                const fn_v8d g_ = FN_LD8(dy + q * C + c0 + 8 * j_); \
+                a_[j_] += g_; \
+                b_[j_] += g_ * (FN_LD8(x + q * C + c0 + 8 * j_) - m_[j_]); \
+            } \
+        for (j_ = 0; j_ < (W) / 8; j_++) { \
+            FN_ST8D(s + c0 + 8 * j_, a_[j_]); \
+            FN_ST8D(sx + c0 + 8 * j_, b_[j_]); \
+        } \
     }
-    const ptrdiff_t n4 = n - n % 4;
-    for (q = 0; q < n4; q += 4) { /* four rows per sweep, as fn_ch_moments */
-        const FN_T *x0 = x + q * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
-        const FN_T *g0 = dy + q * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
-#pragma omp simd
-        for (c = 0; c < C; c++) {
-            const double mc = m[c];
-            s[c] += ((double)g0[c] + (double)g1[c]) + ((double)g2[c] + (double)g3[c]);
-            sx[c] += (((double)g0[c] * ((double)x0[c] - mc) + (double)g1[c] * ((double)x1[c] - mc))
-                      + ((double)g2[c] * ((double)x2[c] - mc)
-                         + (double)g3[c] * ((double)x3[c] - mc)));
+    for (; c0 + 8 <= C; c0 += 64) {
+        const ptrdiff_t w = (C - c0) / 8 * 8 < 64 ? (C - c0) / 8 * 8 : 64;
+        FN_CH_COLS_DO(w, FN_DOT);
+        if (w < 64) {
+            c0 += w;
+            break;
         }
     }
-    for (q = n4; q < n; q++) {
-        const FN_T *xr = x + q * C, *dyr = dy + q * C;
-#pragma omp simd
-        for (c = 0; c < C; c++) {
-            double d = (double)dyr[c];
-            s[c] += d;
-            sx[c] += d * ((double)xr[c] - m[c]);
+#undef FN_DOT
+#endif
+    for (c = c0; c < C; c++) { /* the columns left over, one at a time */
+        double a = 0.0, t = 0.0;
+        for (q = 0; q < n; q++) {
+            const double g = (double)dy[q * C + c];
+            a += g;
+            t += g * ((double)x[q * C + c] - m[c]);
         }
+        s[c] = a;
+        sx[c] = t;
     }
 }
 
