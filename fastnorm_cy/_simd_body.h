@@ -196,8 +196,8 @@ FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
 }
 
 /* rows_bwd on rows [lo, hi) of one block; adds the block's weight/bias sums into dwb/dbb.
- * The row is in cache: FN_T lanes, one pass for the sums (and the weight/bias partials),
- * one for dx, as fastnorm/_numba/rows.py.
+ * The row is in cache: one pass for the sums and the weight/bias partials (float64 lanes),
+ * one for dx (FN_T lanes), as fastnorm/_numba/rows.py.
  * IN dy, x (R, M), mean/rstd (R,), w (M,) or NULL, rms
  * OUT dx (R, M); dwb/dbb (M,) float64 or NULL, zeroed by the caller */
 FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const FN_T *mean,
@@ -211,35 +211,54 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
         const FN_T *xr = x + r * M, *dyr = dy + r * M;
         FN_T *dxr = dx + r * M;
         const FN_T mu = mean[r], rs = rstd[r];
-        FN_T sg = 0, sgx = 0, mg, mgx;
-        /* sums over the row of g = dy * w and g * xhat, xhat = (x - mean) * rstd */
-        if (w == NULL) {
-#pragma omp simd reduction(+:sg, sgx)
-            for (i = 0; i < M; i++) {
-                const FN_T g = dyr[i];
-                sg += g;
-                sgx += g * ((xr[i] - mu) * rs);
+        const double mu64 = (double)mu, rs64 = (double)rs;
+        double sg = 0.0, sgx = 0.0;
+        FN_T mg, mgx;
+        /* one pass (the row is in cache for the next): sums over the row of g = dy * w and
+         * g * xhat, xhat = (x - mean) * rstd, and this row's share of the weight/bias
+         * gradients, all in float64 lanes (as fastnorm/_numba, which sums in x's dtype) */
+        i = 0;
+#if FN_VEC
+        {
+            const fn_v8d muv = FN_SPLAT(mu64), rsv = FN_SPLAT(rs64);
+            fn_v8d a0 = FN_SPLAT(0), a1 = a0, b0 = a0, b1 = a0;
+            for (; i + 16 <= M; i += 16) {
+                const fn_v8d d0 = FN_LD8(dyr + i), d1 = FN_LD8(dyr + i + 8);
+                const fn_v8d h0 = (FN_LD8(xr + i) - muv) * rsv;
+                const fn_v8d h1 = (FN_LD8(xr + i + 8) - muv) * rsv;
+                const fn_v8d g0 = w ? d0 * FN_LD8(w + i) : d0;
+                const fn_v8d g1 = w ? d1 * FN_LD8(w + i + 8) : d1;
+                a0 += g0;
+                a1 += g1;
+                b0 += g0 * h0;
+                b1 += g1 * h1;
+                if (dwb != NULL) {
+                    FN_ST8D(dwb + i, FN_LD8D(dwb + i) + d0 * h0);
+                    FN_ST8D(dwb + i + 8, FN_LD8D(dwb + i + 8) + d1 * h1);
+                }
+                if (dbb != NULL) {
+                    FN_ST8D(dbb + i, FN_LD8D(dbb + i) + d0);
+                    FN_ST8D(dbb + i + 8, FN_LD8D(dbb + i + 8) + d1);
+                }
             }
-        } else {
-#pragma omp simd reduction(+:sg, sgx)
-            for (i = 0; i < M; i++) {
-                const FN_T g = dyr[i] * w[i];
-                sg += g;
-                sgx += g * ((xr[i] - mu) * rs);
-            }
+            a0 += a1;
+            b0 += b1;
+            sg = FN_HSUM(double, 8, a0);
+            sgx = FN_HSUM(double, 8, b0);
         }
-        if (dwb != NULL) {
-#pragma omp simd
-            for (i = 0; i < M; i++)
-                dwb[i] += (double)(dyr[i] * ((xr[i] - mu) * rs));
+#endif
+        for (; i < M; i++) {
+            const double d = (double)dyr[i], h = ((double)xr[i] - mu64) * rs64;
+            const double g = w ? d * (double)w[i] : d;
+            sg += g;
+            sgx += g * h;
+            if (dwb != NULL)
+                dwb[i] += d * h;
+            if (dbb != NULL)
+                dbb[i] += d;
         }
-        if (dbb != NULL) {
-#pragma omp simd
-            for (i = 0; i < M; i++)
-                dbb[i] += (double)dyr[i];
-        }
-        mg = rms ? (FN_T)0 : (FN_T)((double)sg / (double)M);
-        mgx = (FN_T)((double)sgx / (double)M);
+        mg = rms ? (FN_T)0 : (FN_T)(sg / (double)M);
+        mgx = (FN_T)(sgx / (double)M);
         /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (term 1, 2, 3) */
         if (w == NULL) {
 #pragma omp simd
