@@ -69,6 +69,7 @@ FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_T *x, ptrdiff_t n, doubl
     for (i = 0; i < n; i++)
         s += x[i];
     pilot = (FN_T)((double)s / (double)n);
+    FN_PREFETCH(x + n, n * sizeof(FN_T)); /* the next block (row), while this one is in L1 */
 #pragma omp simd reduction(+:s1, s2)
     for (i = 0; i < n; i++) {
         const FN_T d = x[i] - pilot;
@@ -76,6 +77,57 @@ FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_T *x, ptrdiff_t n, doubl
         s2 += d * d;
     }
     /* an inf in the block: the mean is that inf (or NaN), as NumPy */
+    *mu = isfinite(pilot) ? (double)pilot + (double)s1 / (double)n : (double)pilot;
+    q = (double)s2 - (double)s1 * (double)s1 / (double)n;
+    *m2 = q < 0.0 ? 0.0 : q; /* clamp, but let NaN through */
+}
+
+/* fn_block_moments_lanes for a long block (a group-norm row): four vector accumulators in
+ * the first pass and two pairs in the second, which keep the adds independent; on a
+ * layer-norm row (768) the longer set-up costs more than it saves. Same arithmetic. */
+FN_INLINE void FN_NAME(fn_block_moments_lanes_long)(const FN_T *x, ptrdiff_t n, double *mu,
+                                                    double *m2)
+{
+    FN_T s = 0, s1 = 0, s2 = 0, pilot;
+    double q;
+    ptrdiff_t i = 0;
+#if FN_VEC
+    const FN_VT zero = {0};
+    FN_VT a0 = zero, a1 = zero, a2 = zero, a3 = zero, b0, b1, pv;
+    for (; i + 4 * FN_VN <= n; i += 4 * FN_VN) {
+        a0 += FN_LDV(x + i);
+        a1 += FN_LDV(x + i + FN_VN);
+        a2 += FN_LDV(x + i + 2 * FN_VN);
+        a3 += FN_LDV(x + i + 3 * FN_VN);
+    }
+    a0 = (a0 + a1) + (a2 + a3);
+    s = FN_HSUM(FN_T, FN_VN, a0);
+#endif
+    for (; i < n; i++)
+        s += x[i];
+    pilot = (FN_T)((double)s / (double)n);
+    i = 0;
+#if FN_VEC
+    pv = zero + pilot;
+    a0 = a1 = b0 = b1 = zero;
+    for (; i + 2 * FN_VN <= n; i += 2 * FN_VN) {
+        FN_PREFETCH(x + n + i, 2 * FN_VN * sizeof(FN_T)); /* the next block, as above */
+        const FN_VT d0 = FN_LDV(x + i) - pv, d1 = FN_LDV(x + i + FN_VN) - pv;
+        a0 += d0;
+        a1 += d1;
+        b0 += d0 * d0;
+        b1 += d1 * d1;
+    }
+    a0 += a1;
+    b0 += b1;
+    s1 = FN_HSUM(FN_T, FN_VN, a0);
+    s2 = FN_HSUM(FN_T, FN_VN, b0);
+#endif
+    for (; i < n; i++) {
+        const FN_T d = x[i] - pilot;
+        s1 += d;
+        s2 += d * d;
+    }
     *mu = isfinite(pilot) ? (double)pilot + (double)s1 / (double)n : (double)pilot;
     q = (double)s2 - (double)s1 * (double)s1 / (double)n;
     *m2 = q < 0.0 ? 0.0 : q; /* clamp, but let NaN through */
@@ -90,7 +142,9 @@ FN_INLINE void FN_NAME(fn_row_moments)(const FN_T *x, ptrdiff_t n, int lanes, do
     ptrdiff_t lo, nb;
     for (lo = 0; lo < n || lo == 0; lo += FN_BLOCK) {
         nb = n - lo < FN_BLOCK ? n - lo : FN_BLOCK;
-        if (lanes)
+        if (lanes && nb >= 2048)
+            FN_NAME(fn_block_moments_lanes_long)(x + lo, nb, &mb, &m2b);
+        else if (lanes)
             FN_NAME(fn_block_moments_lanes)(x + lo, nb, &mb, &m2b);
         else
             FN_NAME(fn_block_moments)(x + lo, nb, &mb, &m2b);
