@@ -419,33 +419,35 @@ FN_CLONES static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, 
         } \
     } while (0)
 
-/* IN x block (n, C)   OUT mu, s2 (C,) float64: the block's mean and M2 per column in one
- * pass, shifted by the block's first row K (float64 accumulation): with d = x - K,
- * mean = K + sum(d)/n and M2 = sum(d*d) - sum(d)**2/n. K is one of the n values, so
- * (K - mean)**2 <= n * var and the cancellation costs at most ~n ulps of M2 (n <= 8192);
- * a constant column gives d = 0: its mean exactly, M2 exactly 0. One read of the block
- * keeps the memory stream busy, where a second pass from L1 left it idle. */
+/* IN x block (n, C)   OUT mu, s2 (C,) float64: the block's mean and M2 per column, two
+ * passes (the block is in L1 for the second), float64 accumulation */
 FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
                                              double *FN_RESTRICT mu, double *FN_RESTRICT s2)
 {
     ptrdiff_t q, c, c0 = 0;
 #if FN_VEC
 #define FN_MOM(W) { \
-        fn_v8d a_[(W) / 8], b_[(W) / 8], k_[(W) / 8]; \
+        fn_v8d a_[(W) / 8], m_[(W) / 8]; \
         int j_; \
-        for (j_ = 0; j_ < (W) / 8; j_++) { \
-            a_[j_] = b_[j_] = FN_SPLAT(0); \
-            k_[j_] = FN_LD8(x + c0 + 8 * j_); \
-        } \
+        for (j_ = 0; j_ < (W) / 8; j_++) \
+            a_[j_] = FN_SPLAT(0); \
         for (q = 0; q < n; q++) \
-            for (j_ = 0; j_ < (W) / 8; j_++) { \
-                const fn_v8d d_ = FN_LD8(x + q * C + c0 + 8 * j_) - k_[j_]; \
-                a_[j_] += d_; \
-                b_[j_] += d_ * d_; \
-            } \
+            for (j_ = 0; j_ < (W) / 8; j_++) \
+                a_[j_] += FN_LD8(x + q * C + c0 + 8 * j_); \
         for (j_ = 0; j_ < (W) / 8; j_++) { \
-            FN_ST8D(mu + c0 + 8 * j_, k_[j_] + a_[j_] / FN_SPLAT(n)); \
-            FN_ST8D(s2 + c0 + 8 * j_, b_[j_] - a_[j_] * a_[j_] / FN_SPLAT(n)); \
+            m_[j_] = a_[j_] / FN_SPLAT(n); \
+            a_[j_] = FN_SPLAT(0); \
+        } \
+        for (q = 0; q < n; q++) { /* from L1; meanwhile fetch the next block's row q */ \
+            FN_PREFETCH(x + (n + q) * C + c0, (W) * sizeof(FN_T)); \
+            for (j_ = 0; j_ < (W) / 8; j_++) { \
+                const fn_v8d d_ = FN_LD8(x + q * C + c0 + 8 * j_) - m_[j_]; \
+                a_[j_] += d_ * d_; \
+            } \
+        } \
+        for (j_ = 0; j_ < (W) / 8; j_++) { \
+            FN_ST8D(mu + c0 + 8 * j_, m_[j_]); \
+            FN_ST8D(s2 + c0 + 8 * j_, a_[j_]); \
         } \
     }
     for (; c0 + 8 <= C; c0 += 64) {
@@ -459,25 +461,16 @@ FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff
 #undef FN_MOM
 #endif
     for (c = c0; c < C; c++) { /* the columns left over, one at a time */
-        const double k = (double)x[c];
-        double a = 0.0, t = 0.0;
+        double s = 0.0, t = 0.0, mc;
+        for (q = 0; q < n; q++)
+            s += (double)x[q * C + c];
+        mc = s / (double)n;
         for (q = 0; q < n; q++) {
-            const double d = (double)x[q * C + c] - k;
-            a += d;
+            const double d = (double)x[q * C + c] - mc;
             t += d * d;
         }
-        mu[c] = k + a / (double)n;
-        s2[c] = t - a * a / (double)n;
-    }
-    for (c = 0; c < C; c++) {
-        if (!isfinite(mu[c])) { /* an inf or NaN in the column: NumPy's mean, sum / n */
-            double s = 0.0;
-            for (q = 0; q < n; q++)
-                s += (double)x[q * C + c];
-            mu[c] = s / (double)n;
-        }
-        if (s2[c] < 0.0) /* clamp, but let NaN through */
-            s2[c] = 0.0;
+        mu[c] = mc;
+        s2[c] = t;
     }
 }
 
