@@ -53,10 +53,10 @@ cdef extern from "_simd.h" nogil:
                                  double *mean, double *rstd, Py_ssize_t lo, Py_ssize_t hi, int nts)
     void fn_rows_bwd_f32(const float *dy, const float *x, const float *mean,
                          const float *rstd, const float *w, int rms, Py_ssize_t M, float *dx,
-                         double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi)
+                         double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi, int nts)
     void fn_rows_bwd_f64(const double *dy, const double *x, const double *mean,
                          const double *rstd, const double *w, int rms, Py_ssize_t M,
-                         double *dx, double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi)
+                         double *dx, double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi, int nts)
     void fn_rows_moments_f32(const float *x, Py_ssize_t M, double *mean, double *m2,
                              Py_ssize_t lo, Py_ssize_t hi)
     void fn_rows_moments_f64(const double *x, Py_ssize_t M, double *mean, double *m2,
@@ -378,7 +378,8 @@ def rows_fwd_grouped_parallel(x, weight, bias, eps, y, mean, rstd):
 cdef inline void _rows_bwd_block(const floating *dy, const floating *x, const floating *mean,
                                  const floating *rstd, const floating *w, int rms,
                                  floating *dx, double *dw, double *db, Py_ssize_t R,
-                                 Py_ssize_t M, Py_ssize_t B, Py_ssize_t blk) noexcept nogil:
+                                 Py_ssize_t M, Py_ssize_t B, Py_ssize_t blk,
+                                 int nts) noexcept nogil:
     # block blk: rows [blk*R//B, (blk+1)*R//B); its partial sums go to row blk of dw/db
     cdef double *dwb = NULL
     cdef double *dbb = NULL
@@ -390,10 +391,10 @@ cdef inline void _rows_bwd_block(const floating *dy, const floating *x, const fl
         memset(dbb, 0, M * sizeof(double))
     if floating is float:
         fn_rows_bwd_f32(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, blk * R // B,
-                        (blk + 1) * R // B)
+                        (blk + 1) * R // B, nts)
     else:
         fn_rows_bwd_f64(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, blk * R // B,
-                        (blk + 1) * R // B)
+                        (blk + 1) * R // B, nts)
 
 
 cdef void _rows_bwd_t(const floating *dy, const floating *x, const floating *mean,
@@ -402,12 +403,13 @@ cdef void _rows_bwd_t(const floating *dy, const floating *x, const floating *mea
                       int nt) noexcept nogil:
     # IN dy, x (R, M), mean/rstd (R,), w (M,)|NULL   OUT dx (R, M), dw/db (B, M)|NULL
     cdef Py_ssize_t k
+    cdef int nts = _streaming((R * M) * sizeof(floating))
     if nt > 1 and B > 1:
         for k in prange(B, num_threads=nt, schedule="static"):
-            _rows_bwd_block(dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k)
+            _rows_bwd_block(dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k, nts)
     else:
         for k in range(B):
-            _rows_bwd_block(dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k)
+            _rows_bwd_block(dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k, nts)
 
 
 cdef _rows_bwd(dy, x, mean, rstd, weight, bint rms, dx, dw_part, db_part, int nt):

@@ -74,6 +74,13 @@ typedef double fn_v8d __attribute__((vector_size(64)));
                                              for (k_ = 0; k_ < w_; k_++) \
                                                  t_[k_] += t_[k_ + w_]; \
                                          t_[0]; })
+/* p[0:FN_VN] (float64) += the lanes of v (an FN_VT), converted to float64 */
+#define FN_ACC64F(p, v) do { fn_v16f a_ = (v); fn_v8f h_[2]; memcpy(h_, &a_, sizeof a_); \
+                             FN_ST8D((p), FN_LD8D(p) + __builtin_convertvector(h_[0], fn_v8d)); \
+                             FN_ST8D((p) + 8, FN_LD8D((p) + 8) \
+                                              + __builtin_convertvector(h_[1], fn_v8d)); \
+                        } while (0)
+#define FN_ACC64D(p, v) FN_ST8D((p), FN_LD8D(p) + (v))
 /* 64 bytes of FN_T (16 floats / 8 doubles), for reductions in FN_T lanes */
 typedef float fn_v16f __attribute__((vector_size(64)));
 #define FN_LDV(p) __extension__({ FN_VT v_; memcpy(&v_, (p), sizeof v_); v_; })
@@ -297,6 +304,7 @@ FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *
 #define FN_ST8_NT FN_ST8F_NT
 #define FN_VT fn_v16f
 #define FN_VN 16
+#define FN_ACC64 FN_ACC64F
 #include "_simd_body.h"
 #undef FN_T
 #undef FN_SUF
@@ -305,6 +313,7 @@ FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *
 #undef FN_ST8_NT
 #undef FN_VT
 #undef FN_VN
+#undef FN_ACC64
 
 #define FN_T double
 #define FN_SUF _f64
@@ -313,6 +322,7 @@ FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *
 #define FN_ST8_NT FN_ST8D_NT
 #define FN_VT fn_v8d
 #define FN_VN 8
+#define FN_ACC64 FN_ACC64D
 #include "_simd_body.h"
 #undef FN_T
 #undef FN_SUF
@@ -321,5 +331,6 @@ FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *
 #undef FN_ST8_NT
 #undef FN_VT
 #undef FN_VN
+#undef FN_ACC64
 
 #endif /* FASTNORM_SIMD_H */

@@ -250,80 +250,71 @@ FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
 }
 
 /* rows_bwd on rows [lo, hi) of one block; adds the block's weight/bias sums into dwb/dbb.
- * The row is in cache: one pass for the sums and the weight/bias partials (float64 lanes),
- * one for dx (FN_T lanes), as fastnorm/_numba/rows.py.
+ * The row is in cache: one pass for the sums (FN_T lanes) and the weight/bias partials
+ * (float64), one for dx (FN_T lanes), as fastnorm/_numba/rows.py.
  * IN dy, x (R, M), mean/rstd (R,), w (M,) or NULL, rms
  * OUT dx (R, M); dwb/dbb (M,) float64 or NULL, zeroed by the caller */
 FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const FN_T *mean,
                                            const FN_T *rstd, const FN_T *w, int rms,
                                            ptrdiff_t M, FN_T *dx, double *FN_RESTRICT dwb,
                                            double *FN_RESTRICT dbb,
-                                           ptrdiff_t lo, ptrdiff_t hi)
+                                           ptrdiff_t lo, ptrdiff_t hi, int nts)
 {
     ptrdiff_t r, i;
     for (r = lo; r < hi; r++) {
         const FN_T *xr = x + r * M, *dyr = dy + r * M;
         FN_T *dxr = dx + r * M;
         const FN_T mu = mean[r], rs = rstd[r];
-        const double mu64 = (double)mu, rs64 = (double)rs;
-        double sg = 0.0, sgx = 0.0;
-        FN_T mg, mgx;
+        FN_T sg = 0, sgx = 0, mg, mgx;
         /* one pass (the row is in cache for the next): sums over the row of g = dy * w and
-         * g * xhat, xhat = (x - mean) * rstd, and this row's share of the weight/bias
-         * gradients, all in float64 lanes (as fastnorm/_numba, which sums in x's dtype) */
+         * g * xhat, xhat = (x - mean) * rstd, in FN_T lanes as fastnorm/_numba, and this
+         * row's share of the weight/bias gradients, added in float64 */
         i = 0;
 #if FN_VEC
         {
-            const fn_v8d muv = FN_SPLAT(mu64), rsv = FN_SPLAT(rs64);
-            fn_v8d a0 = FN_SPLAT(0), a1 = a0, b0 = a0, b1 = a0;
-            for (; i + 16 <= M; i += 16) {
-                const fn_v8d d0 = FN_LD8(dyr + i), d1 = FN_LD8(dyr + i + 8);
-                const fn_v8d h0 = (FN_LD8(xr + i) - muv) * rsv;
-                const fn_v8d h1 = (FN_LD8(xr + i + 8) - muv) * rsv;
-                const fn_v8d g0 = w ? d0 * FN_LD8(w + i) : d0;
-                const fn_v8d g1 = w ? d1 * FN_LD8(w + i + 8) : d1;
-                a0 += g0;
-                a1 += g1;
-                b0 += g0 * h0;
-                b1 += g1 * h1;
-                if (dwb != NULL) {
-                    FN_ST8D(dwb + i, FN_LD8D(dwb + i) + d0 * h0);
-                    FN_ST8D(dwb + i + 8, FN_LD8D(dwb + i + 8) + d1 * h1);
-                }
-                if (dbb != NULL) {
-                    FN_ST8D(dbb + i, FN_LD8D(dbb + i) + d0);
-                    FN_ST8D(dbb + i + 8, FN_LD8D(dbb + i + 8) + d1);
-                }
+            const FN_VT zero = {0}, muv = zero + mu, rsv = zero + rs;
+            FN_VT a0 = zero, b0 = zero;
+            for (; i + FN_VN <= M; i += FN_VN) {
+                const FN_VT d = FN_LDV(dyr + i), h = (FN_LDV(xr + i) - muv) * rsv;
+                const FN_VT g = w ? d * FN_LDV(w + i) : d;
+                a0 += g;
+                b0 += g * h;
+                if (dwb != NULL)
+                    FN_ACC64(dwb + i, d * h);
+                if (dbb != NULL)
+                    FN_ACC64(dbb + i, d);
             }
-            a0 += a1;
-            b0 += b1;
-            sg = FN_HSUM(double, 8, a0);
-            sgx = FN_HSUM(double, 8, b0);
+            sg = FN_HSUM(FN_T, FN_VN, a0);
+            sgx = FN_HSUM(FN_T, FN_VN, b0);
         }
 #endif
         for (; i < M; i++) {
-            const double d = (double)dyr[i], h = ((double)xr[i] - mu64) * rs64;
-            const double g = w ? d * (double)w[i] : d;
+            const FN_T d = dyr[i], h = (xr[i] - mu) * rs;
+            const FN_T g = w ? d * w[i] : d;
             sg += g;
             sgx += g * h;
             if (dwb != NULL)
-                dwb[i] += d * h;
+                dwb[i] += (double)(d * h);
             if (dbb != NULL)
-                dbb[i] += d;
+                dbb[i] += (double)d;
         }
-        mg = rms ? (FN_T)0 : (FN_T)(sg / (double)M);
-        mgx = (FN_T)(sgx / (double)M);
+        mg = rms ? (FN_T)0 : (FN_T)((double)sg / (double)M);
+        mgx = (FN_T)((double)sgx / (double)M);
         /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (term 1, 2, 3) */
-        if (w == NULL) {
-#pragma omp simd
-            for (i = 0; i < M; i++)
-                dxr[i] = rs * ((dyr[i] - mg) - ((xr[i] - mu) * rs) * mgx);
-        } else {
-#pragma omp simd
-            for (i = 0; i < M; i++)
-                dxr[i] = rs * ((dyr[i] * w[i] - mg) - ((xr[i] - mu) * rs) * mgx);
-        }
+        if (w == NULL)
+            FN_APPLYV(i, M, dxr, FN_SPLATV(rs) * ((FN_LDV(dyr + i) - FN_SPLATV(mg))
+                                                  - ((FN_LDV(xr + i) - FN_SPLATV(mu))
+                                                     * FN_SPLATV(rs)) * FN_SPLATV(mgx)),
+                      rs * ((dyr[i] - mg) - ((xr[i] - mu) * rs) * mgx), nts);
+        else
+            FN_APPLYV(i, M, dxr, FN_SPLATV(rs) * ((FN_LDV(dyr + i) * FN_LDV(w + i)
+                                                   - FN_SPLATV(mg))
+                                                  - ((FN_LDV(xr + i) - FN_SPLATV(mu))
+                                                     * FN_SPLATV(rs)) * FN_SPLATV(mgx)),
+                      rs * ((dyr[i] * w[i] - mg) - ((xr[i] - mu) * rs) * mgx), nts);
     }
+    if (nts)
+        FN_SFENCE();
 }
 
 /* rows_moments on rows [lo, hi).   IN x (R, M)   OUT mean, m2 (R,) float64 */
