@@ -10,12 +10,11 @@ Choice of backend, first match wins: the ``backend=`` argument of a call, the in
 
 "Fastest" is a fixed preference order, ``BACKENDS``, backed by measurement rather than
 measured at import (a timing at import would cost the start-up budget and vary with load).
-On the 2-core Zen 4 box (bench/bench_latency.py, python -m fastnorm bench): Cython starts in
+On the 2-core EPYC box (bench/bench_latency.py, python -m fastnorm bench): Cython starts in
 ~0.15 s with no JIT (Numba: ~1 s from its cache, 5-10 s to compile), is faster on one-row
-calls (LN (1, 768): 1.75 vs 2.0 us; eval BN (1, 1024): 2.3 vs 8 us with api's one-call
-path), level with Numba on the NCHW batch/instance/group cases and 5-30% behind on LN and
-channels-last forwards, where Numba's LLVM runs the squared-deviation pass in float32 (its
-variance is ~1e-7 relative off, Cython's ~1e-15). NumPy is last: always there.
+calls (LN (1, 768): 1.7 vs 2.3 us; eval BN (1, 1024): 1.85 vs 7.5 us with api's one-call
+path) and as fast as Numba or faster on the large cases (explicit vectors, non-temporal
+stores; see README, Backends). NumPy is last: always there.
 """
 import contextlib
 import contextvars

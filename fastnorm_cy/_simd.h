@@ -8,12 +8,20 @@
  * Other architectures/compilers build the portable path (the same code, one version).
  *
  * GCC does not vectorize float reductions without reassociation (DESIGN.md §4), so each
- * reduction is a `#pragma omp simd reduction(+:s)` loop: the lanes hold partial sums added
- * at the end, an order that depends on the clone only (never on the thread count).
+ * reduction is either a `#pragma omp simd reduction(+:s)` loop or explicit vectors (below)
+ * with several accumulators: the lanes hold partial sums added at the end, an order that
+ * depends on the clone and the shape only (never on the thread count).
  *
- * Numerics mirror fastnorm/_numba: float64 accumulation, shifted two-pass block moments
- * merged with Chan's formula left to right, `(x - mean) * alpha + beta` with the mean kept
- * inside (the folded form cancels). No `restrict`: y may be x (in-place forward).
+ * Measured on the 2-core EPYC (AVX-512) box, 32x56x56x64 float32, one thread, what the
+ * explicit code buys over GCC 12's own vectorization: the channels apply 1.7 -> 1.3 ms
+ * (float32 -> float64 conversion without re-packing), channels_dot 2.6 -> 1.3 ms (register
+ * accumulators), channels statistics 1.4 -> 1.1 ms (next-block prefetch), non-temporal stores
+ * ~17% off an apply pass from memory; -fno-wrapv (setup.py) 1.8 -> 1.3 ms on the statistics.
+ *
+ * Numerics mirror fastnorm/_numba: float64 accumulation in the memory-bound statistics,
+ * two-pass block moments merged with Chan's formula left to right, `(x - mean) * alpha +
+ * beta` with the mean kept inside (the folded form cancels). No `restrict` on data: y may be
+ * x (in-place forward).
  *
  * The body is in _simd_body.h, included once for float (suffix _f32) and once for double.
  */
