@@ -312,6 +312,37 @@ def _ch_grouped_coefs_k(mg, m2g, weight, bias, eps, n, mean_s, alpha_s, beta_s, 
 
 
 @cuda.jit
+def _expand_k(v, K, out):
+    # IN v (R,)   OUT out (R*K,): out[j] = v[j // K]
+    for j in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        out[j] = v[j // K]
+
+
+@cuda.jit
+def _grouped_bwd_coefs_k(sdy, sdx, mean, rstd, weight, G, K, n, c1, c2, c3, sum_dy,
+                         sum_dyxh):
+    # IN sdy/sdx (R*K,) segment sums of dy, dy*(x - mean); mean/rstd (R,); weight (G, K)|None
+    # OUT c1/c2/c3 (R*K,) for rows_bwd_apply; sum_dy/sum_dyxh (R, K)
+    R = mean.shape[0]
+    for r in range(cuda.grid(1), R, cuda.gridsize(1)):
+        rs = rstd[r]
+        sg = 0.0
+        sgx = 0.0
+        for k in range(K):
+            j = r * K + k
+            wk = 1.0 if weight is None else weight[r % G, k]
+            sum_dy[r, k] = sdy[j]
+            sum_dyxh[r, k] = sdx[j] * rs
+            sg += wk * sdy[j]
+            sgx += wk * sdx[j] * rs
+        for k in range(K):
+            j = r * K + k
+            c1[j] = rs if weight is None else rs * weight[r % G, k]
+            c2[j] = -rs * rs * (sgx / n)
+            c3[j] = -rs * (sg / n)
+
+
+@cuda.jit
 def _rows_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
     # IN dy, x (R, M), mean/c1/c2/c3 (R,)   OUT dx = c1*dy + c2*(x - mean) + c3
     R, M = x.shape
@@ -626,6 +657,19 @@ def rows_dot(dy, x, mean, sum_dy, sum_dyxc):
 
 def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
     _flat(_rows_bwd_apply_k, x.size)(dy, x, mean, c1, c2, c3, dx)
+
+
+def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
+    # composed on the device: segment sums (rows_dot on (R*K, S)), coefficients, rows apply
+    R, K, S = x.shape
+    G = weight.shape[0] if weight is not None else 1
+    mean_rk, sdy, sdx, c1, c2, c3 = (cuda.device_array(R * K) for _ in range(6))
+    _flat(_expand_k, R * K)(mean, K, mean_rk)
+    rows_dot(dy.reshape(R * K, S), x.reshape(R * K, S), mean_rk, sdy, sdx)
+    _flat(_grouped_bwd_coefs_k, R)(sdy, sdx, mean, rstd, weight, G, K, float(K * S),
+                                   c1, c2, c3, sum_dy, sum_dyxh)
+    rows_bwd_apply(dy.reshape(R * K, S), x.reshape(R * K, S), mean_rk, c1, c2, c3,
+                   dx.reshape(R * K, S))
 
 
 def channels_moments(x, mean, m2):

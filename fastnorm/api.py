@@ -585,6 +585,16 @@ def _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, g
     dx = lay.empty(T)
     xv, dyv, dxv = lay.view(xw, shape), lay.view(dy, shape), lay.view(dx, shape)
     cg = C // G
+    if x.size and kind == "rows" and training:
+        # channels-first: one fused kernel, each (sample, group) row read from memory once
+        shape3 = (N * G, cg, S)
+        sdy, sdxh = np.empty((N * G, cg)), np.empty((N * G, cg))
+        _run("rows_bwd_grouped", backend, lay.view(dy, shape3), lay.view(xw, shape3),
+             mean.reshape(N * G), rstd.reshape(N * G), None if w is None else w.reshape(G, cg),
+             lay.view(dx, shape3), sdy, sdxh)
+        gw = None if w is None else sdxh.reshape(N, C).sum(axis=0).astype(T)
+        gb = sdy.reshape(N, C).sum(axis=0).astype(T) if has_bias else None
+        return dx.astype(x.dtype, copy=False), gw, gb
     mean_c, rstd_c = np.repeat(mean, cg, axis=1), np.repeat(rstd, cg, axis=1)  # (N, C)
     wv = np.ones(C) if w is None else w
     if x.size:

@@ -25,6 +25,10 @@ into the arrays passed in, nothing is returned.
       rows_scale_shift(x, mean, alpha, beta, y)      y = (x - mean[r]) * alpha[r] + beta[r]
       rows_dot(dy, x, mean, sum_dy, sum_dyxc)        sums of dy and dy * (x - mean[r])
       rows_bwd_apply(dy, x, mean, c1, c2, c3, dx)    dx = c1[r]*dy + c2[r]*(x - mean[r]) + c3[r]
+      rows_bwd_grouped(dy, x, mean, rstd, weight|None, dx, sum_dy, sum_dyxh)
+          the backward of rows_fwd_grouped: dy, x, dx (R, K, S); mean, rstd (R,) f64; weight
+          (G, K) f64 as there; sum_dy, sum_dyxh (R, K) f64: sums over each segment of dy
+          and dy * xhat (the weight/bias gradients before the sum over samples)
     channels (x is (P, Q, C), statistics per (p, c) over q; every per-channel array is (P, C))
       channels_moments(x, mean, m2)
       channels_scale_shift(x, mean, alpha, beta, y)
@@ -352,6 +356,20 @@ def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
     dx[...] = c1[:, None] * dy + c2[:, None] * xc + c3[:, None]
 
 
+def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
+    # dy, x, dx: (R, K, S)   mean, rstd: (R,)   weight: (G, K) or None   sums: (R, K)
+    R, K, S = x.shape
+    dy64 = dy.astype(np.float64)
+    xhat = (x.astype(np.float64) - mean[:, None, None]) * rstd[:, None, None]
+    w = np.ones((R, K)) if weight is None else weight[np.arange(R) % weight.shape[0]]
+    g = dy64 * w[:, :, None]
+    t = g - g.mean(axis=(1, 2), keepdims=True) - xhat * (g * xhat).mean(axis=(1, 2),
+                                                                       keepdims=True)
+    dx[...] = t * rstd[:, None, None]
+    sum_dy[...] = dy64.sum(axis=2)
+    sum_dyxh[...] = (dy64 * xhat).sum(axis=2)
+
+
 def channels_moments(x, mean, m2):
     # x: (P, Q, C) -> mean, m2: (P, C) float64
     x64 = x.astype(np.float64)
@@ -393,5 +411,5 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
 
 
 KERNELS = ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift",
-           "rows_dot", "rows_bwd_apply", "channels_moments", "channels_scale_shift", "channels_dot",
+           "rows_dot", "rows_bwd_apply", "rows_bwd_grouped", "channels_moments", "channels_scale_shift", "channels_dot",
            "channels_bwd_apply", "channels_fwd_grouped")

@@ -78,6 +78,15 @@ cdef extern from "_simd.h" nogil:
                                const double *mean, const double *c1, const double *c2,
                                const double *c3, double *dx, Py_ssize_t lo, Py_ssize_t hi, int nts)
 
+    void fn_rows_bwd_grouped_f32(const float *dy, const float *x, Py_ssize_t K, Py_ssize_t S,
+                                 Py_ssize_t G, const double *mean, const double *rstd,
+                                 const double *w, float *dx, double *sdy, double *sdxh,
+                                 Py_ssize_t lo, Py_ssize_t hi, int nts)
+    void fn_rows_bwd_grouped_f64(const double *dy, const double *x, Py_ssize_t K,
+                                 Py_ssize_t S, Py_ssize_t G, const double *mean,
+                                 const double *rstd, const double *w, double *dx, double *sdy,
+                                 double *sdxh, Py_ssize_t lo, Py_ssize_t hi, int nts)
+
     void fn_ch_moments_f32(const float *x, Py_ssize_t n, Py_ssize_t C, double *mu,
                            double *s2)
     void fn_ch_moments_f64(const double *x, Py_ssize_t n, Py_ssize_t C, double *mu,
@@ -643,6 +652,72 @@ def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
 def rows_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
     """Parallel rows_bwd_apply (contract: fastnorm.reference.rows_bwd_apply)."""
     _rows_bwd_apply(dy, x, mean, c1, c2, c3, dx, _par())
+
+
+# ------------------------------------------------------------------------ rows_bwd_grouped
+
+cdef inline void _rows_bwd_grouped_c(const floating *dy, const floating *x, const double *mean,
+                                     const double *rstd, const double *w, floating *dx,
+                                     double *sdy, double *sdxh, Py_ssize_t K, Py_ssize_t S,
+                                     Py_ssize_t G, Py_ssize_t lo, Py_ssize_t hi,
+                                     int nts) noexcept nogil:
+    if floating is float:
+        fn_rows_bwd_grouped_f32(dy, x, K, S, G, mean, rstd, w, dx, sdy, sdxh, lo, hi, nts)
+    else:
+        fn_rows_bwd_grouped_f64(dy, x, K, S, G, mean, rstd, w, dx, sdy, sdxh, lo, hi, nts)
+
+
+cdef void _rows_bwd_grouped_t(const floating *dy, const floating *x, const double *mean,
+                              const double *rstd, const double *w, floating *dx, double *sdy,
+                              double *sdxh, Py_ssize_t R, Py_ssize_t K, Py_ssize_t S,
+                              Py_ssize_t G, int nt) noexcept nogil:
+    # IN dy, x (R, K, S), mean/rstd (R,), w (G, K)|NULL   OUT dx (R, K, S), sdy/sdxh (R, K)
+    cdef Py_ssize_t k, step = _row_step(K * S), nch = (R + step - 1) // step
+    cdef int nts = _streaming((R * K * S) * sizeof(floating))
+    if nt > 1 and nch > 1:
+        for k in prange(nch, num_threads=nt, schedule="static"):
+            _rows_bwd_grouped_c(dy, x, mean, rstd, w, dx, sdy, sdxh, K, S, G, k * step,
+                                min(R, k * step + step), nts)
+    else:
+        _rows_bwd_grouped_c(dy, x, mean, rstd, w, dx, sdy, sdxh, K, S, G, 0, R, nts)
+
+
+cdef _rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh, int nt):
+    cdef int t = _dtype(x, "x", 3)
+    cdef Py_ssize_t R = _dim(x, 0), K = _dim(x, 1), S = _dim(x, 2)
+    cdef Py_ssize_t G = 1
+    if weight is not None:
+        _dtype(weight, "weight", 2)  # an ndarray of 2 dims before its shape is read
+        G = _dim(weight, 0)
+    if G < 1:
+        raise ValueError("weight must have at least one row")
+    cdef void *pdy = _data(dy, "dy", t, 3, False, R, K, S)
+    cdef void *px = _data(x, "x", t, 3, False, R, K, S)
+    cdef const double *pm = <const double *>_data(mean, "mean", _F64, 1, False, R)
+    cdef const double *pr = <const double *>_data(rstd, "rstd", _F64, 1, False, R)
+    cdef const double *pw = <const double *>_opt(weight, "weight", _F64, 2, False, G, K)
+    cdef void *pdx = _data(dx, "dx", t, 3, True, R, K, S)
+    cdef double *ps = <double *>_data(sum_dy, "sum_dy", _F64, 2, True, R, K)
+    cdef double *psx = <double *>_data(sum_dyxh, "sum_dyxh", _F64, 2, True, R, K)
+    _disjoint_or_same(dx, x, "dx", "x")
+    _disjoint_or_same(dx, dy, "dx", "dy")
+    with nogil:
+        if t == _F32:
+            _rows_bwd_grouped_t(<const float *>pdy, <const float *>px, pm, pr, pw, <float *>pdx,
+                                ps, psx, R, K, S, G, nt)
+        else:
+            _rows_bwd_grouped_t(<const double *>pdy, <const double *>px, pm, pr, pw,
+                                <double *>pdx, ps, psx, R, K, S, G, nt)
+
+
+def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
+    """Serial rows_bwd_grouped (contract: fastnorm.reference.rows_bwd_grouped)."""
+    _rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh, 1)
+
+
+def rows_bwd_grouped_parallel(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
+    """Parallel rows_bwd_grouped (contract: fastnorm.reference.rows_bwd_grouped)."""
+    _rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh, _par())
 
 
 # ------------------------------------------------------------------------ channels_moments

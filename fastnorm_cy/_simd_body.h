@@ -460,6 +460,72 @@ FN_CLONES static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, 
         FN_SFENCE();
 }
 
+/* rows_bwd_grouped on rows [lo, hi): the backward of rows_fwd_grouped. A (sample, group) row
+ * is read from memory once: its segment sums, then dx from cache (rows_dot + rows_bwd_apply
+ * read it twice). Sums in float64 (two vector accumulators each), dx = c1*dy + c2*(x - mean)
+ * + c3 in float64 lanes as fn_rows_bwd_apply, as fastnorm/_numba/rows.py.
+ * IN dy, x (R, K, S), mean/rstd (R,) float64, w (G, K) float64 or NULL
+ * OUT dx (R, K, S); sdy, sdxh (R, K) float64: per segment sums of dy and dy * xhat */
+FN_CLONES static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x,
+                                                   ptrdiff_t K, ptrdiff_t S, ptrdiff_t G,
+                                                   const double *mean, const double *rstd,
+                                                   const double *w, FN_T *dx, double *sdy,
+                                                   double *sdxh, ptrdiff_t lo, ptrdiff_t hi,
+                                                   int nts)
+{
+    ptrdiff_t r, k, i, M = K * S;
+    for (r = lo; r < hi; r++) {
+        const double mu = mean[r], rs = rstd[r];
+        const ptrdiff_t g = r % G;
+        double sg = 0.0, sgx = 0.0, c2, c3;
+        for (k = 0; k < K; k++) {
+            const FN_T *xs = x + r * M + k * S, *dys = dy + r * M + k * S;
+            double s = 0.0, t = 0.0;
+            const double wk = w ? w[g * K + k] : 1.0;
+            i = 0;
+#if FN_VEC
+            {
+                const fn_v8d mv = FN_SPLAT(mu);
+                fn_v8d a0 = FN_SPLAT(0), a1 = a0, b0 = a0, b1 = a0;
+                for (; i + 16 <= S; i += 16) {
+                    const fn_v8d d0 = FN_LD8(dys + i), d1 = FN_LD8(dys + i + 8);
+                    a0 += d0;
+                    a1 += d1;
+                    b0 += d0 * (FN_LD8(xs + i) - mv);
+                    b1 += d1 * (FN_LD8(xs + i + 8) - mv);
+                }
+                a0 += a1;
+                b0 += b1;
+                s = FN_HSUM(double, 8, a0);
+                t = FN_HSUM(double, 8, b0);
+            }
+#endif
+            for (; i < S; i++) {
+                const double d = (double)dys[i];
+                s += d;
+                t += d * ((double)xs[i] - mu);
+            }
+            sdy[r * K + k] = s;
+            sdxh[r * K + k] = t * rs;
+            sg += wk * s;
+            sgx += wk * t * rs;
+        }
+        /* dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) = c1*dy + c2*(x - mean) + c3 */
+        c2 = -rs * rs * (sgx / (double)M);
+        c3 = -rs * (sg / (double)M);
+        for (k = 0; k < K; k++) {
+            const FN_T *xs = x + r * M + k * S, *dys = dy + r * M + k * S;
+            FN_T *dxs = dx + r * M + k * S;
+            const double c1 = w ? rs * w[g * K + k] : rs;
+            FN_APPLY(i, S, dxs, FN_SPLAT(c1) * FN_LD8(dys + i)
+                                + FN_SPLAT(c2) * (FN_LD8(xs + i) - FN_SPLAT(mu)) + FN_SPLAT(c3),
+                     c1 * (double)dys[i] + c2 * ((double)xs[i] - mu) + c3, nts);
+        }
+    }
+    if (nts)
+        FN_SFENCE();
+}
+
 /* ------------------------------------------------------------------ channels kernels
  * One call = one block of n rows of width C (rows q of x[p], contiguous). The inner loop
  * runs along c, so it vectorizes without reassociating anything. */

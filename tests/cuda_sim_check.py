@@ -92,6 +92,11 @@ def _kernel_cases(dtype):
     yield "rows_scale_shift", (x, mean, *pr[1:]), ((R, M), T)
     yield "rows_dot", (dy, x, mean), ((R,), F, (R,), F)
     yield "rows_bwd_apply", (dy, x, mean, *pr), ((R, M), T)
+    dyg = _data((4, 2, 5), dtype, 0.0)  # the backward of rows_fwd_grouped on xg
+    mg = xg.astype(np.float64).mean(axis=(1, 2))
+    rg = 1.0 / np.sqrt(xg.astype(np.float64).var(axis=(1, 2)) + 1e-5)
+    for wt in (rng.standard_normal((2, 2)), None):
+        yield "rows_bwd_grouped", (dyg, xg, mg, rg, wt), ((4, 2, 5), T, (4, 2), F, (4, 2), F)
     yield "channels_moments", (xc,), ((P, C), F, (P, C), F)
     yield "channels_scale_shift", (xc, meanc, *pc[1:]), ((P, Q, C), T)
     yield "channels_dot", (dyc, xc, meanc), ((P, C), F, (P, C), F)

@@ -76,6 +76,12 @@ def _rows_args(name, rng, R, M, dtype, offset):
         return [dy, x, m64, np.empty(R), np.empty(R)], (3, 4)
     if name == "rows_bwd_apply":
         return [dy, x, m64, *per, np.empty_like(x)], (6,)
+    if name == "rows_bwd_grouped":   # (R, K, S) segments, weights (G=3, K) by r % G
+        K = 2 if M % 2 == 0 else 1
+        shape = (R, K, M // K)
+        wg = rng.normal(1, 0.3, (3, K))
+        return [dy.reshape(shape), x.reshape(shape), m64, r64, wg, np.empty(shape, dtype),
+                np.empty((R, K)), np.empty((R, K))], (5, 6, 7)
     raise ValueError(name)
 
 
@@ -101,7 +107,7 @@ def _channels_args(name, rng, P, Q, C, dtype, offset):
 
 
 ROWS = ["rows_fwd", "rows_fwd_rms", "rows_bwd", "rows_bwd_rms", "rows_moments",
-        "rows_scale_shift", "rows_dot", "rows_bwd_apply"]
+        "rows_scale_shift", "rows_dot", "rows_bwd_apply", "rows_bwd_grouped"]
 CHANNELS = ["channels_moments", "channels_scale_shift", "channels_dot", "channels_bwd_apply",
             "channels_fwd_grouped"]
 # (R, M): one row, one column, a row longer than a 4096 block (Chan merges), many short rows

@@ -127,3 +127,13 @@ def test_kernel_twins_against_oracles():
         np.testing.assert_allclose(y3, yo, atol=1e-13)
         np.testing.assert_allclose(m, mo.reshape(2, G), atol=1e-13)
         np.testing.assert_allclose(r, ro.reshape(2, G), rtol=1e-13)
+    # rows_bwd_grouped against the group norm backward oracle: (N=2, C=4, S=5), G=2 groups
+    xg, dyg = RNG.normal(3.0, 2.0, (2, 4, 5)), RNG.normal(size=(2, 4, 5))
+    _, mo, ro = ref.group_norm(xg, 2, w, b)
+    gx, gw, gb = ref.group_norm_backward(dyg, xg, mo, ro, w, num_groups=2)
+    dx, sdy, sdxh = np.empty((4, 2, 5)), np.empty((4, 2)), np.empty((4, 2))
+    ref.rows_bwd_grouped(dyg.reshape(4, 2, 5), xg.reshape(4, 2, 5), mo.ravel(), ro.ravel(),
+                         w.reshape(2, 2), dx, sdy, sdxh)
+    np.testing.assert_allclose(dx.reshape(gx.shape), gx, atol=1e-12)
+    np.testing.assert_allclose(sdxh.reshape(2, 4).sum(axis=0), gw, atol=1e-12)
+    np.testing.assert_allclose(sdy.reshape(2, 4).sum(axis=0), gb, atol=1e-12)

@@ -168,6 +168,47 @@ def rows_dot(dy, x, mean, sum_dy, sum_dyxc):
 
 
 @kernel
+def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
+    # IN dy, x (R, K, S), mean/rstd (R,) float64, weight (G, K) float64 or None
+    # OUT dx (R, K, S), sum_dy/sum_dyxh (R, K) float64: per segment sums of dy, dy * xhat
+    # The backward of rows_fwd_grouped: a (sample, group) row is read from memory once (its
+    # sums, then dx from cache), where rows_dot + rows_bwd_apply read it twice.
+    R, K, S = x.shape
+    G = weight.shape[0] if weight is not None else 1
+    M = K * S
+    for r in prange(R):
+        mu = mean[r]
+        rs = rstd[r]
+        g = r % G
+        sg = 0.0
+        sgx = 0.0
+        for k in range(K):
+            xs = x[r, k]
+            dys = dy[r, k]
+            s = 0.0
+            t = 0.0
+            for i in range(S):
+                d = np.float64(dys[i])
+                s += d
+                t += d * (xs[i] - mu)
+            wk = 1.0 if weight is None else weight[g, k]
+            sum_dy[r, k] = s
+            sum_dyxh[r, k] = t * rs
+            sg += wk * s
+            sgx += wk * t * rs
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) = c1*dy + c2*(x - mean) + c3
+        c2 = -rs * rs * (sgx / M)
+        c3 = -rs * (sg / M)
+        for k in range(K):
+            c1 = rs if weight is None else rs * weight[g, k]
+            xs = x[r, k]
+            dys = dy[r, k]
+            dxs = dx[r, k]
+            for i in range(S):
+                dxs[i] = c1 * dys[i] + c2 * (xs[i] - mu) + c3
+
+
+@kernel
 def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
     # IN dy, x (R, M), mean/c1/c2/c3 (R,) float64   OUT dx = c1*dy + c2*(x - mean) + c3
     R, M = x.shape
