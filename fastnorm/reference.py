@@ -363,8 +363,9 @@ def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
     xhat = (x.astype(np.float64) - mean[:, None, None]) * rstd[:, None, None]
     w = np.ones((R, K)) if weight is None else weight[np.arange(R) % weight.shape[0]]
     g = dy64 * w[:, :, None]
-    t = g - g.mean(axis=(1, 2), keepdims=True) - xhat * (g * xhat).mean(axis=(1, 2),
-                                                                       keepdims=True)
+    mean_g = g.mean(axis=(1, 2), keepdims=True)
+    mean_gx = (g * xhat).mean(axis=(1, 2), keepdims=True)
+    t = g - mean_g - xhat * mean_gx
     dx[...] = t * rstd[:, None, None]
     sum_dy[...] = dy64.sum(axis=2)
     sum_dyxh[...] = (dy64 * xhat).sum(axis=2)
@@ -411,5 +412,5 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
 
 
 KERNELS = ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift",
-           "rows_dot", "rows_bwd_apply", "rows_bwd_grouped", "channels_moments", "channels_scale_shift", "channels_dot",
-           "channels_bwd_apply", "channels_fwd_grouped")
+           "rows_dot", "rows_bwd_apply", "rows_bwd_grouped", "channels_moments",
+           "channels_scale_shift", "channels_dot", "channels_bwd_apply", "channels_fwd_grouped")
