@@ -17,8 +17,8 @@ from ._kernels import get_num_threads, info, set_num_threads  # noqa: E402
 
 KERNELS = {name: (getattr(_kernels, name), getattr(_kernels, name + "_parallel"))
            for name in ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments",
-                        "rows_scale_shift", "rows_dot", "rows_bwd_apply", "rows_bwd_grouped", "channels_moments",
-                        "channels_scale_shift", "channels_dot", "channels_bwd_apply",
-                        "channels_fwd_grouped", "channels_eval")}
+                        "rows_scale_shift", "rows_dot", "rows_bwd_apply", "rows_bwd_grouped",
+                        "channels_moments", "channels_scale_shift", "channels_dot",
+                        "channels_bwd_apply", "channels_fwd_grouped", "channels_eval")}
 
 __all__ = ["KERNELS", "set_num_threads", "get_num_threads", "info"]
