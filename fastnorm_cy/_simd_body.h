@@ -514,12 +514,22 @@ FN_CLONES static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x
         c2 = -rs * rs * (sgx / (double)M);
         c3 = -rs * (sg / (double)M);
         for (k = 0; k < K; k++) {
-            const FN_T *xs = x + r * M + k * S, *dys = dy + r * M + k * S;
-            FN_T *dxs = dx + r * M + k * S;
             const double c1 = w ? rs * w[g * K + k] : rs;
-            FN_APPLY(i, S, dxs, FN_SPLAT(c1) * FN_LD8(dys + i)
-                                + FN_SPLAT(c2) * (FN_LD8(xs + i) - FN_SPLAT(mu)) + FN_SPLAT(c3),
-                     c1 * (double)dys[i] + c2 * ((double)xs[i] - mu) + c3, nts);
+            ptrdiff_t i0;
+            /* from cache, 256 elements at a time, each chunk fetching the next row's */
+            for (i0 = 0; i0 < S; i0 += 256) {
+                const ptrdiff_t n = S - i0 < 256 ? S - i0 : 256, o = r * M + k * S + i0;
+                const FN_T *xs = x + o, *dys = dy + o;
+                FN_T *dxs = dx + o;
+                if (r + 1 < hi) {
+                    FN_PREFETCH(xs + M, n * sizeof(FN_T));
+                    FN_PREFETCH(dys + M, n * sizeof(FN_T));
+                }
+                FN_APPLY(i, n, dxs, FN_SPLAT(c1) * FN_LD8(dys + i)
+                                    + FN_SPLAT(c2) * (FN_LD8(xs + i) - FN_SPLAT(mu))
+                                    + FN_SPLAT(c3),
+                         c1 * (double)dys[i] + c2 * ((double)xs[i] - mu) + c3, nts);
+            }
         }
     }
     if (nts)
