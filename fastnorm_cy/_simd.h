@@ -189,6 +189,9 @@ typedef float fn_v16f __attribute__((vector_size(64)));
 #define FN_PREFETCH(p, bytes) ((void)0)
 #endif
 #define FN_BLOCK 4096 /* elements per block of a long row, as fastnorm/_numba/_jit.py */
+#ifndef FN_BWD_ROWS
+#define FN_BWD_ROWS 4 /* rows per pass of fn_rows_bwd */
+#endif
 
 /* The clone the ifunc resolver picks on this CPU (same test, same order). */
 static const char *fn_simd_clone(void)

@@ -285,10 +285,11 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
      * g * xhat, xhat = (x - mean) * rstd, per row in FN_T lanes as fastnorm/_numba, and adds
      * the four rows' share of the weight/bias gradients to the float64 partials at once (the
      * partials are read and written once per four rows instead of once per row). */
-    for (; r + 4 <= hi; r += 4) {
-        const FN_T *xr[4], *dyr[4];
-        FN_T mu[4], rs[4], sg[4] = {0, 0, 0, 0}, sgx[4] = {0, 0, 0, 0};
-        for (k = 0; k < 4; k++) {
+    for (; r + FN_BWD_ROWS <= hi; r += FN_BWD_ROWS) {
+        const FN_T *xr[FN_BWD_ROWS], *dyr[FN_BWD_ROWS];
+        FN_T mu[FN_BWD_ROWS], rs[FN_BWD_ROWS], sg[FN_BWD_ROWS], sgx[FN_BWD_ROWS];
+        for (k = 0; k < FN_BWD_ROWS; k++) {
+            sg[k] = sgx[k] = 0;
             xr[k] = x + (r + k) * M;
             dyr[k] = dy + (r + k) * M;
             mu[k] = mean[r + k];
@@ -298,29 +299,31 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
 #if FN_VEC
         {
             const FN_VT zero = {0};
-            FN_VT a[4], bq[4], muv[4], rsv[4];
-            for (k = 0; k < 4; k++) {
+            FN_VT a[FN_BWD_ROWS], bq[FN_BWD_ROWS], muv[FN_BWD_ROWS], rsv[FN_BWD_ROWS];
+            for (k = 0; k < FN_BWD_ROWS; k++) {
                 a[k] = bq[k] = zero;
                 muv[k] = zero + mu[k];
                 rsv[k] = zero + rs[k];
             }
             for (; i + FN_VN <= M; i += FN_VN) {
-                FN_VT d[4], h[4];
+                FN_VT d[FN_BWD_ROWS], h[FN_BWD_ROWS], pdh = zero, pd = zero;
                 const FN_VT wv = w ? FN_LDV(w + i) : zero;
 #pragma GCC unroll 4
-                for (k = 0; k < 4; k++) {
+                for (k = 0; k < FN_BWD_ROWS; k++) {
                     d[k] = FN_LDV(dyr[k] + i);
                     h[k] = (FN_LDV(xr[k] + i) - muv[k]) * rsv[k];
                     const FN_VT g = w ? d[k] * wv : d[k];
                     a[k] += g;
                     bq[k] += g * h[k];
+                    pdh += d[k] * h[k];
+                    pd += d[k];
                 }
                 if (dwb != NULL)
-                    FN_ACC64(dwb + i, (d[0] * h[0] + d[1] * h[1]) + (d[2] * h[2] + d[3] * h[3]));
+                    FN_ACC64(dwb + i, pdh);
                 if (dbb != NULL)
-                    FN_ACC64(dbb + i, (d[0] + d[1]) + (d[2] + d[3]));
+                    FN_ACC64(dbb + i, pd);
             }
-            for (k = 0; k < 4; k++) {
+            for (k = 0; k < FN_BWD_ROWS; k++) {
                 sg[k] = FN_HSUM(FN_T, FN_VN, a[k]);
                 sgx[k] = FN_HSUM(FN_T, FN_VN, bq[k]);
             }
@@ -328,7 +331,7 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
 #endif
         for (; i < M; i++) {
             FN_T pd = 0, pdh = 0;
-            for (k = 0; k < 4; k++) {
+            for (k = 0; k < FN_BWD_ROWS; k++) {
                 const FN_T d = dyr[k][i], h = (xr[k][i] - mu[k]) * rs[k];
                 const FN_T g = w ? d * w[i] : d;
                 sg[k] += g;
@@ -341,7 +344,7 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
             if (dbb != NULL)
                 dbb[i] += (double)pd;
         }
-        for (k = 0; k < 4; k++)
+        for (k = 0; k < FN_BWD_ROWS; k++)
             FN_NAME(fn_rows_bwd_dx)(dyr[k], xr[k], w, mu[k], rs[k],
                                     rms ? (FN_T)0 : (FN_T)((double)sg[k] / (double)M),
                                     (FN_T)((double)sgx[k] / (double)M), M,
