@@ -310,6 +310,9 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
                 const FN_VT wv = w ? FN_LDV(w + i) : zero;
 #pragma GCC unroll 4
                 for (k = 0; k < FN_BWD_ROWS; k++) {
+                    /* the next group of rows, while this one's sums and dx run */
+                    FN_PREFETCH(dyr[k] + FN_BWD_ROWS * M + i, FN_VN * sizeof(FN_T));
+                    FN_PREFETCH(xr[k] + FN_BWD_ROWS * M + i, FN_VN * sizeof(FN_T));
                     d[k] = FN_LDV(dyr[k] + i);
                     h[k] = (FN_LDV(xr[k] + i) - muv[k]) * rsv[k];
                     const FN_VT g = w ? d[k] * wv : d[k];
