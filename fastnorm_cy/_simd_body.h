@@ -251,7 +251,7 @@ FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
 
 /* rows_bwd on rows [lo, hi) of one block; adds the block's weight/bias sums into dwb/dbb.
  * The rows are in cache: one pass for the sums (FN_T lanes) and the weight/bias partials
- * (float64), one for dx (FN_T lanes), as fastnorm/_numba/rows.py, four rows at a time.
+ * (float64), one for dx (FN_T lanes), as fastnorm/_numba/rows.py, FN_BWD_ROWS rows at a time.
  * IN dy, x (R, M), mean/rstd (R,), w (M,) or NULL, rms
  * OUT dx (R, M); dwb/dbb (M,) float64 or NULL, zeroed by the caller */
 /* dx of one row from its sums: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) */
@@ -281,10 +281,11 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
 {
     ptrdiff_t r = lo, i;
     int k;
-    /* Four rows at a time: one pass over them (in cache for the next) sums g = dy * w and
-     * g * xhat, xhat = (x - mean) * rstd, per row in FN_T lanes as fastnorm/_numba, and adds
-     * the four rows' share of the weight/bias gradients to the float64 partials at once (the
-     * partials are read and written once per four rows instead of once per row). */
+    /* FN_BWD_ROWS rows at a time: one pass over them (in cache for the next) sums g = dy * w
+     * and g * xhat, xhat = (x - mean) * rstd, per row in FN_T lanes as fastnorm/_numba, and
+     * adds their share of the weight/bias gradients to the float64 partials at once (the
+     * partials are read and written once per group of rows instead of once per row), while
+     * prefetching the next group. */
     for (; r + FN_BWD_ROWS <= hi; r += FN_BWD_ROWS) {
         const FN_T *xr[FN_BWD_ROWS], *dyr[FN_BWD_ROWS];
         FN_T mu[FN_BWD_ROWS], rs[FN_BWD_ROWS], sg[FN_BWD_ROWS], sgx[FN_BWD_ROWS];
