@@ -175,8 +175,26 @@ FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
         FN_T mhi, mlo, rs;
         if (rms) {
             FN_T ss = 0;
-#pragma omp simd reduction(+:ss)
-            for (i = 0; i < M; i++)
+            i = 0;
+#if FN_VEC
+            {   /* four independent accumulators; meanwhile fetch the next row */
+                const FN_VT zero = {0};
+                FN_VT a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+                for (; i + 4 * FN_VN <= M; i += 4 * FN_VN) {
+                    const FN_VT v0 = FN_LDV(xr + i), v1 = FN_LDV(xr + i + FN_VN);
+                    const FN_VT v2 = FN_LDV(xr + i + 2 * FN_VN);
+                    const FN_VT v3 = FN_LDV(xr + i + 3 * FN_VN);
+                    FN_PREFETCH(xr + M + i, 4 * FN_VN * sizeof(FN_T));
+                    a0 += v0 * v0;
+                    a1 += v1 * v1;
+                    a2 += v2 * v2;
+                    a3 += v3 * v3;
+                }
+                a0 = (a0 + a1) + (a2 + a3);
+                ss = FN_HSUM(FN_T, FN_VN, a0);
+            }
+#endif
+            for (; i < M; i++)
                 ss += xr[i] * xr[i];
             mu = 0.0;
             var = (double)ss / (double)M;
