@@ -280,18 +280,22 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True,
 # ----------------------------------------------------------------------------------------
 
 
+def _write_affine(xhat, weight, bias, y):
+    """y[...] = xhat * weight + bias, weight/bias (per last axis) optional."""
+    if weight is not None:
+        xhat = xhat * weight
+    if bias is not None:
+        xhat = xhat + bias
+    y[...] = xhat
+
+
 def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
     # x, y: (R, M)   weight, bias: (M,) or None   mean, rstd: (R,)
     x64 = x.astype(np.float64)
     mu = np.zeros(x.shape[0]) if rms else x64.mean(axis=1)
     xc = x64 - mu[:, None]
     r = 1.0 / np.sqrt((xc * xc).mean(axis=1) + eps)
-    out = xc * r[:, None]
-    if weight is not None:
-        out *= weight
-    if bias is not None:
-        out += bias
-    y[...] = out
+    _write_affine(xc * r[:, None], weight, bias, y)
     mean[...] = mu
     rstd[...] = r
 
@@ -401,12 +405,7 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
     mu = xg.mean(axis=(1, 3))
     xc = xg - mu[:, None, :, None]
     r = 1.0 / np.sqrt((xc * xc).mean(axis=(1, 3)) + eps)
-    out = (xc * r[:, None, :, None]).reshape(P, Q, C)
-    if weight is not None:
-        out *= weight
-    if bias is not None:
-        out += bias
-    y[...] = out
+    _write_affine((xc * r[:, None, :, None]).reshape(P, Q, C), weight, bias, y)
     mean[...] = mu
     rstd[...] = r
 

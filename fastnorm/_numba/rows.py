@@ -11,6 +11,18 @@ from ._jit import helper, kernel, row_moments
 
 
 @helper
+def dot_centered(dy, x, m):
+    """(sum(dy), sum(dy * (x - m))) of two contiguous 1-D arrays, float64 accumulation."""
+    s = 0.0
+    sx = 0.0
+    for i in range(x.size):
+        d = np.float64(dy[i])
+        s += d
+        sx += d * (x[i] - m)
+    return s, sx
+
+
+@helper
 def split(v, like):
     """v (float64) as hi + lo in x's dtype: ``(x - hi) - lo`` is exact where x is near v."""
     hi = like.dtype.type(v)
@@ -156,15 +168,7 @@ def rows_dot(dy, x, mean, sum_dy, sum_dyxc):
     for r in prange(R):
         xr = x[r]
         dyr = dy[r]
-        m = mean[r]
-        s = 0.0
-        sx = 0.0
-        for i in range(M):
-            d = np.float64(dyr[i])
-            s += d
-            sx += d * (xr[i] - m)
-        sum_dy[r] = s
-        sum_dyxc[r] = sx
+        sum_dy[r], sum_dyxc[r] = dot_centered(dyr, xr, mean[r])
 
 
 @kernel
@@ -183,14 +187,7 @@ def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
         sg = 0.0
         sgx = 0.0
         for k in range(K):
-            xs = x[r, k]
-            dys = dy[r, k]
-            s = 0.0
-            t = 0.0
-            for i in range(S):
-                d = np.float64(dys[i])
-                s += d
-                t += d * (xs[i] - mu)
+            s, t = dot_centered(dy[r, k], x[r, k], mu)
             wk = 1.0 if weight is None else weight[g, k]
             sum_dy[r, k] = s
             sum_dyxh[r, k] = t * rs
