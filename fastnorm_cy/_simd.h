@@ -64,7 +64,7 @@
  * 32x56x56x64 float32 took 1.7 ms that way and 1.3 ms (Numba's speed) this way. memcpy is
  * the portable unaligned load/store; it compiles to one vmovups. Elsewhere FN_VEC is 0 and
  * the scalar loop after each vector loop does all the work. */
-#if defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 9)
+#if defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 9) && !defined(FN_NO_VEC)
 #define FN_VEC 1
 typedef float fn_v8f __attribute__((vector_size(32)));
 typedef double fn_v8d __attribute__((vector_size(64)));

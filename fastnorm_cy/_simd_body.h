@@ -211,10 +211,11 @@ FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
                 ss = FN_HSUM(FN_T, FN_VN, a0);
             }
 #endif
+            double st = 0.0; /* the rest (the whole row without vectors) in float64 */
             for (; i < M; i++)
-                ss += xr[i] * xr[i];
+                st += (double)xr[i] * (double)xr[i];
             mu = 0.0;
-            var = (double)ss / (double)M;
+            var = ((double)ss + st) / (double)M;
         } else {
             double m2;
             FN_NAME(fn_row_moments)(xr, M, 1, &mu, &m2);
