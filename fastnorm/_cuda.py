@@ -460,22 +460,6 @@ def _ch_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
 # Channel c belongs to group c // cg; unit row pg = p' when Pg > 1, else 0.
 
 @cuda.jit
-def _merge_equal_k(mean, m2, count, out_mean, out_m2):
-    # IN mean/m2 (P1, K, P2) of groups of equal ``count``   OUT (P1, P2), merged in order
-    P1, K, P2 = mean.shape
-    for j in range(cuda.grid(1), P1 * P2, cuda.gridsize(1)):
-        p = j // P2
-        c = j - p * P2
-        n = 0.0
-        m = 0.0
-        s = 0.0
-        for k in range(K):
-            n, m, s = _merge(n, m, s, float(count), mean[p, k, c], m2[p, k, c])
-        out_mean[p, c] = m
-        out_m2[p, c] = s
-
-
-@cuda.jit
 def _finalize_k(mean_g, m2_g, count, eps, clamp, weight, bias, cg, mean_s, alpha_s, beta_s,
                 mean_out, rstd_out):
     # IN unit stats (Pg, G) (var = m2/count), weight/bias (C,)|None
@@ -1012,9 +996,10 @@ def _moments(kind, xv, P, C):
 
 def _merge_equal(mean, m2, count):
     """(P1, K, P2) groups of equal count -> (P1, P2) (the device twin of geo.merge_equal)."""
-    P1, _, P2 = mean.shape
+    P1, K, P2 = mean.shape
     om, oq = cuda.device_array((P1, P2)), cuda.device_array((P1, P2))
-    _flat(_merge_equal_k, P1 * P2)(mean, m2, float(count), om, oq)
+    # the chunk merge with Q = K * count: every chunk holds exactly ``count`` elements
+    _flat(_ch_moments_merge_k, P1 * P2)(mean, m2, K * int(count), om, oq)
     return om, oq
 
 

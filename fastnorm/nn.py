@@ -466,26 +466,26 @@ class Flatten(Module):
         return x.reshape(x.shape[0], -1)
 
 
-class CrossEntropyLoss(Module):
+class _Loss(Module):
+    """A loss function of fastnorm.autograd, ``loss(input, target, reduction)``, as a module."""
+    loss = None
+
+    def __init__(self, reduction="mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, input, target):
+        return type(self).loss(_as_tensor(input), target, self.reduction)
+
+
+class CrossEntropyLoss(_Loss):
     """:func:`fastnorm.autograd.cross_entropy` as a module."""
-
-    def __init__(self, reduction="mean"):
-        super().__init__()
-        self.reduction = reduction
-
-    def forward(self, input, target):
-        return ag.cross_entropy(_as_tensor(input), target, self.reduction)
+    loss = staticmethod(ag.cross_entropy)
 
 
-class MSELoss(Module):
+class MSELoss(_Loss):
     """:func:`fastnorm.autograd.mse_loss` as a module."""
-
-    def __init__(self, reduction="mean"):
-        super().__init__()
-        self.reduction = reduction
-
-    def forward(self, input, target):
-        return ag.mse_loss(_as_tensor(input), target, self.reduction)
+    loss = staticmethod(ag.mse_loss)
 
 
 # --------------------------------------------------------------------------- norm layers

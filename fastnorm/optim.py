@@ -40,6 +40,17 @@ class Optimizer:
     def step(self):
         raise NotImplementedError
 
+    def _grads(self):
+        """(param, state, g) for every parameter with a ``.grad``: g is the gradient, negated
+        with ``maximize`` and plus ``weight_decay * p`` (L2), as both torch rules start."""
+        for p, st in zip(self.params, self.state):
+            if p.grad is None:
+                continue
+            g = -p.grad if self.maximize else p.grad
+            if self.weight_decay:
+                g = g + self.weight_decay * p.data
+            yield p, st, g
+
 
 class SGD(Optimizer):
     """Stochastic gradient descent, torch's rule.
@@ -73,12 +84,7 @@ class SGD(Optimizer):
 
     def step(self):
         """One update of every parameter that has a ``.grad``."""
-        for p, st in zip(self.params, self.state):
-            if p.grad is None:
-                continue
-            g = -p.grad if self.maximize else p.grad
-            if self.weight_decay:
-                g = g + self.weight_decay * p.data
+        for p, st, g in self._grads():
             if self.momentum:
                 buf = st.get("momentum_buffer")
                 if buf is None:
@@ -124,12 +130,7 @@ class Adam(Optimizer):
     def step(self):
         """One update of every parameter that has a ``.grad``."""
         b1, b2 = self.betas
-        for p, st in zip(self.params, self.state):
-            if p.grad is None:
-                continue
-            g = -p.grad if self.maximize else p.grad
-            if self.weight_decay:
-                g = g + self.weight_decay * p.data
+        for p, st, g in self._grads():
             if not st:
                 st.update(step=0, exp_avg=np.zeros_like(p.data),
                           exp_avg_sq=np.zeros_like(p.data))

@@ -316,15 +316,7 @@ FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *
 #define FN_VT fn_v16f
 #define FN_VN 16
 #define FN_ACC64 FN_ACC64F
-#include "_simd_body.h"
-#undef FN_T
-#undef FN_SUF
-#undef FN_LD8
-#undef FN_ST8
-#undef FN_ST8_NT
-#undef FN_VT
-#undef FN_VN
-#undef FN_ACC64
+#include "_simd_body.h" /* which undefines its parameters */
 
 #define FN_T double
 #define FN_SUF _f64
@@ -334,14 +326,6 @@ FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *
 #define FN_VT fn_v8d
 #define FN_VN 8
 #define FN_ACC64 FN_ACC64D
-#include "_simd_body.h"
-#undef FN_T
-#undef FN_SUF
-#undef FN_LD8
-#undef FN_ST8
-#undef FN_ST8_NT
-#undef FN_VT
-#undef FN_VN
-#undef FN_ACC64
+#include "_simd_body.h" /* which undefines its parameters */
 
 #endif /* FASTNORM_SIMD_H */

@@ -309,124 +309,96 @@ FN_INLINE void FN_NAME(fn_rows_bwd_dx)(const FN_T *dyr, const FN_T *xr, const FN
                   rs * ((dyr[i] * w[i] - mg) - ((xr[i] - mu) * rs) * mgx), nts);
 }
 
+/* rows [r, r + nr) of rows_bwd, nr <= FN_BWD_ROWS: one pass over them (in cache for the
+ * next) sums g = dy * w and g * xhat, xhat = (x - mean) * rstd, per row in FN_T lanes as
+ * fastnorm/_numba, and adds their share of the weight/bias gradients to the float64 partials
+ * at once (the partials are read and written once per group of rows instead of once per
+ * row), while prefetching the next group; then dx row by row from cache. */
+FN_INLINE void FN_NAME(fn_rows_bwd_group)(const FN_T *dy, const FN_T *x, const FN_T *mean,
+                                          const FN_T *rstd, const FN_T *w, int rms,
+                                          ptrdiff_t M, FN_T *dx, double *FN_RESTRICT dwb,
+                                          double *FN_RESTRICT dbb, ptrdiff_t r, int nr,
+                                          int nts)
+{
+    const FN_T *xr[FN_BWD_ROWS], *dyr[FN_BWD_ROWS];
+    FN_T mu[FN_BWD_ROWS], rs[FN_BWD_ROWS], sg[FN_BWD_ROWS], sgx[FN_BWD_ROWS];
+    ptrdiff_t i = 0;
+    int k;
+    for (k = 0; k < nr; k++) {
+        sg[k] = sgx[k] = 0;
+        xr[k] = x + (r + k) * M;
+        dyr[k] = dy + (r + k) * M;
+        mu[k] = mean[r + k];
+        rs[k] = rstd[r + k];
+    }
+#if FN_VEC
+    {
+        const FN_VT zero = {0};
+        FN_VT a[FN_BWD_ROWS], bq[FN_BWD_ROWS], muv[FN_BWD_ROWS], rsv[FN_BWD_ROWS];
+        for (k = 0; k < nr; k++) {
+            a[k] = bq[k] = zero;
+            muv[k] = zero + mu[k];
+            rsv[k] = zero + rs[k];
+        }
+        for (; i + FN_VN <= M; i += FN_VN) {
+            FN_VT d[FN_BWD_ROWS], h[FN_BWD_ROWS], pdh = zero, pd = zero;
+            const FN_VT wv = w ? FN_LDV(w + i) : zero;
+#pragma GCC unroll 4
+            for (k = 0; k < nr; k++) {
+                FN_PREFETCH(dyr[k] + nr * M + i, FN_VN * sizeof(FN_T));
+                FN_PREFETCH(xr[k] + nr * M + i, FN_VN * sizeof(FN_T));
+                d[k] = FN_LDV(dyr[k] + i);
+                h[k] = (FN_LDV(xr[k] + i) - muv[k]) * rsv[k];
+                const FN_VT g = w ? d[k] * wv : d[k];
+                a[k] += g;
+                bq[k] += g * h[k];
+                pdh += d[k] * h[k];
+                pd += d[k];
+            }
+            if (dwb != NULL)
+                FN_ACC64(dwb + i, pdh);
+            if (dbb != NULL)
+                FN_ACC64(dbb + i, pd);
+        }
+        for (k = 0; k < nr; k++) {
+            sg[k] = FN_HSUM(FN_T, FN_VN, a[k]);
+            sgx[k] = FN_HSUM(FN_T, FN_VN, bq[k]);
+        }
+    }
+#endif
+    for (; i < M; i++) {
+        FN_T pd = 0, pdh = 0;
+        for (k = 0; k < nr; k++) {
+            const FN_T d = dyr[k][i], h = (xr[k][i] - mu[k]) * rs[k];
+            const FN_T g = w ? d * w[i] : d;
+            sg[k] += g;
+            sgx[k] += g * h;
+            pd += d;
+            pdh += d * h;
+        }
+        if (dwb != NULL)
+            dwb[i] += (double)pdh;
+        if (dbb != NULL)
+            dbb[i] += (double)pd;
+    }
+    for (k = 0; k < nr; k++)
+        FN_NAME(fn_rows_bwd_dx)(dyr[k], xr[k], w, mu[k], rs[k],
+                                rms ? (FN_T)0 : (FN_T)((double)sg[k] / (double)M),
+                                (FN_T)((double)sgx[k] / (double)M), M, dx + (r + k) * M, nts);
+}
+
 FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const FN_T *mean,
                                            const FN_T *rstd, const FN_T *w, int rms,
                                            ptrdiff_t M, FN_T *dx, double *FN_RESTRICT dwb,
                                            double *FN_RESTRICT dbb,
                                            ptrdiff_t lo, ptrdiff_t hi, int nts)
 {
-    ptrdiff_t r = lo, i;
-    int k;
-    /* FN_BWD_ROWS rows at a time: one pass over them (in cache for the next) sums g = dy * w
-     * and g * xhat, xhat = (x - mean) * rstd, per row in FN_T lanes as fastnorm/_numba, and
-     * adds their share of the weight/bias gradients to the float64 partials at once (the
-     * partials are read and written once per group of rows instead of once per row), while
-     * prefetching the next group. */
-    for (; r + FN_BWD_ROWS <= hi; r += FN_BWD_ROWS) {
-        const FN_T *xr[FN_BWD_ROWS], *dyr[FN_BWD_ROWS];
-        FN_T mu[FN_BWD_ROWS], rs[FN_BWD_ROWS], sg[FN_BWD_ROWS], sgx[FN_BWD_ROWS];
-        for (k = 0; k < FN_BWD_ROWS; k++) {
-            sg[k] = sgx[k] = 0;
-            xr[k] = x + (r + k) * M;
-            dyr[k] = dy + (r + k) * M;
-            mu[k] = mean[r + k];
-            rs[k] = rstd[r + k];
-        }
-        i = 0;
-#if FN_VEC
-        {
-            const FN_VT zero = {0};
-            FN_VT a[FN_BWD_ROWS], bq[FN_BWD_ROWS], muv[FN_BWD_ROWS], rsv[FN_BWD_ROWS];
-            for (k = 0; k < FN_BWD_ROWS; k++) {
-                a[k] = bq[k] = zero;
-                muv[k] = zero + mu[k];
-                rsv[k] = zero + rs[k];
-            }
-            for (; i + FN_VN <= M; i += FN_VN) {
-                FN_VT d[FN_BWD_ROWS], h[FN_BWD_ROWS], pdh = zero, pd = zero;
-                const FN_VT wv = w ? FN_LDV(w + i) : zero;
-#pragma GCC unroll 4
-                for (k = 0; k < FN_BWD_ROWS; k++) {
-                    /* the next group of rows, while this one's sums and dx run */
-                    FN_PREFETCH(dyr[k] + FN_BWD_ROWS * M + i, FN_VN * sizeof(FN_T));
-                    FN_PREFETCH(xr[k] + FN_BWD_ROWS * M + i, FN_VN * sizeof(FN_T));
-                    d[k] = FN_LDV(dyr[k] + i);
-                    h[k] = (FN_LDV(xr[k] + i) - muv[k]) * rsv[k];
-                    const FN_VT g = w ? d[k] * wv : d[k];
-                    a[k] += g;
-                    bq[k] += g * h[k];
-                    pdh += d[k] * h[k];
-                    pd += d[k];
-                }
-                if (dwb != NULL)
-                    FN_ACC64(dwb + i, pdh);
-                if (dbb != NULL)
-                    FN_ACC64(dbb + i, pd);
-            }
-            for (k = 0; k < FN_BWD_ROWS; k++) {
-                sg[k] = FN_HSUM(FN_T, FN_VN, a[k]);
-                sgx[k] = FN_HSUM(FN_T, FN_VN, bq[k]);
-            }
-        }
-#endif
-        for (; i < M; i++) {
-            FN_T pd = 0, pdh = 0;
-            for (k = 0; k < FN_BWD_ROWS; k++) {
-                const FN_T d = dyr[k][i], h = (xr[k][i] - mu[k]) * rs[k];
-                const FN_T g = w ? d * w[i] : d;
-                sg[k] += g;
-                sgx[k] += g * h;
-                pd += d;
-                pdh += d * h;
-            }
-            if (dwb != NULL)
-                dwb[i] += (double)pdh;
-            if (dbb != NULL)
-                dbb[i] += (double)pd;
-        }
-        for (k = 0; k < FN_BWD_ROWS; k++)
-            FN_NAME(fn_rows_bwd_dx)(dyr[k], xr[k], w, mu[k], rs[k],
-                                    rms ? (FN_T)0 : (FN_T)((double)sg[k] / (double)M),
-                                    (FN_T)((double)sgx[k] / (double)M), M,
-                                    dx + (r + k) * M, nts);
-    }
-    for (; r < hi; r++) { /* the last rows of the range, one at a time */
-        const FN_T *xr = x + r * M, *dyr = dy + r * M;
-        const FN_T mu = mean[r], rs = rstd[r];
-        FN_T sg = 0, sgx = 0;
-        i = 0;
-#if FN_VEC
-        {
-            const FN_VT zero = {0}, muv = zero + mu, rsv = zero + rs;
-            FN_VT a0 = zero, b0 = zero;
-            for (; i + FN_VN <= M; i += FN_VN) {
-                const FN_VT d = FN_LDV(dyr + i), h = (FN_LDV(xr + i) - muv) * rsv;
-                const FN_VT g = w ? d * FN_LDV(w + i) : d;
-                a0 += g;
-                b0 += g * h;
-                if (dwb != NULL)
-                    FN_ACC64(dwb + i, d * h);
-                if (dbb != NULL)
-                    FN_ACC64(dbb + i, d);
-            }
-            sg = FN_HSUM(FN_T, FN_VN, a0);
-            sgx = FN_HSUM(FN_T, FN_VN, b0);
-        }
-#endif
-        for (; i < M; i++) {
-            const FN_T d = dyr[i], h = (xr[i] - mu) * rs;
-            const FN_T g = w ? d * w[i] : d;
-            sg += g;
-            sgx += g * h;
-            if (dwb != NULL)
-                dwb[i] += (double)(d * h);
-            if (dbb != NULL)
-                dbb[i] += (double)d;
-        }
-        FN_NAME(fn_rows_bwd_dx)(dyr, xr, w, mu, rs,
-                                rms ? (FN_T)0 : (FN_T)((double)sg / (double)M),
-                                (FN_T)((double)sgx / (double)M), M, dx + r * M, nts);
-    }
+    ptrdiff_t r = lo;
+    for (; r + FN_BWD_ROWS <= hi; r += FN_BWD_ROWS) /* nr a constant: the k loops unroll */
+        FN_NAME(fn_rows_bwd_group)(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, r,
+                                   FN_BWD_ROWS, nts);
+    for (; r < hi; r++) /* the last rows of the range, one at a time */
+        FN_NAME(fn_rows_bwd_group)(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, r, 1, nts);
     if (nts)
         FN_SFENCE();
 }
@@ -824,3 +796,13 @@ FN_CLONES static void FN_NAME(fn_ch_eval_apply)(const FN_T *x, ptrdiff_t n, ptrd
     if (nts)
         FN_SFENCE();
 }
+
+/* this inclusion's parameters, set by _simd.h */
+#undef FN_T
+#undef FN_SUF
+#undef FN_LD8
+#undef FN_ST8
+#undef FN_ST8_NT
+#undef FN_VT
+#undef FN_VN
+#undef FN_ACC64
