@@ -8,11 +8,19 @@ warns and installs the Numba backend only); ``fastnorm._dispatch`` then falls ba
 """
 try:
     from . import _kernels
-except ImportError as e:  # the extension was not compiled (the message is misleading)
-    raise ImportError("the Cython backend is not built: its C extension failed to compile at "
-                      "install time (`pip install -v .` shows why) or this source checkout "
-                      "has not run `python setup.py build_ext --inplace`; fastnorm uses "
-                      "Numba instead") from e
+except ImportError:
+    # Run inside a source checkout (`python -m fastnorm bench` in the clone, as the README
+    # says): this directory shadows the installed package and holds no compiled extension,
+    # but `pip install .` put one in site-packages. Look in every fastnorm_cy on sys.path.
+    import pkgutil
+    __path__ = pkgutil.extend_path(__path__, __name__)
+    try:
+        from . import _kernels
+    except ImportError as e:  # the extension was not compiled (the message is misleading)
+        raise ImportError("the Cython backend is not built: its C extension failed to compile "
+                          "at install time (`pip install -v .` shows why) or this source "
+                          "checkout has not run `python setup.py build_ext --inplace`; "
+                          "fastnorm uses Numba instead") from e
 from ._kernels import get_num_threads, info, set_num_threads  # noqa: E402
 
 KERNELS = {name: (getattr(_kernels, name), getattr(_kernels, name + "_parallel"))
