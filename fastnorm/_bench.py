@@ -349,9 +349,15 @@ def measure(fns, rounds=15, budget=0.5, target=0.005, on_first=None, settle=0.00
     alike. A callable stops after ``budget`` seconds of samples (at least 3, at most
     ``rounds``). Between two callables the loop sleeps ``settle`` seconds, untimed, so that
     the spinning worker threads of one OpenMP runtime (torch's, numba's) do not eat into the
-    next one's time. Returns ``{name: (median_seconds, calls_timed)}``; the garbage
+    next one's time. Returns ``{name: (median_seconds, calls_timed, samples)}`` (samples in
+    seconds per call, ``samples[i]`` from round ``i``); the garbage
     collector is off while timing. ``on_first(name, result)`` receives each callable's
     first result (to check it).
+
+    Every sample starts with one untimed call of the same callable, so the caches hold what
+    that callable leaves there itself (its steady state), not what the callable timed before
+    it left: on this machine a 24 MiB case fits in the 32 MiB L3, and without this priming
+    the floor of one size varied 1.7× between two rows of one run, with the order.
     """
     names = list(fns)
     number, want, samples = {}, {}, {n: [] for n in names}
@@ -367,7 +373,7 @@ def measure(fns, rounds=15, budget=0.5, target=0.005, on_first=None, settle=0.00
             calib.append(time.perf_counter() - t)
         est = max(min(calib), 1e-7)
         number[n] = max(1, int(target / est))
-        want[n] = max(3, min(rounds, int(budget / (number[n] * est))))
+        want[n] = max(3, min(rounds, int(budget / ((number[n] + 1) * est))))
     gc_on = gc.isenabled()
     gc.disable()
     try:
@@ -379,6 +385,7 @@ def measure(fns, rounds=15, budget=0.5, target=0.005, on_first=None, settle=0.00
                 f, m = fns[n], number[n]
                 if settle:
                     time.sleep(settle)
+                f()  # priming call, untimed
                 t = time.perf_counter()
                 for _ in range(m):
                     f()
@@ -386,7 +393,16 @@ def measure(fns, rounds=15, budget=0.5, target=0.005, on_first=None, settle=0.00
     finally:
         if gc_on:
             gc.enable()
-    return {n: (statistics.median(samples[n]), len(samples[n]) * number[n]) for n in names}
+    return {n: (statistics.median(samples[n]), len(samples[n]) * number[n], samples[n])
+            for n in names}
+
+
+def paired_ratio(a, b):
+    """Median over rounds of a[i] / b[i]: two implementations' samples of one round were taken
+    back to back, so a slow phase of the machine (seconds long here) cancels out of each
+    ratio, where it would not out of the ratio of two medians."""
+    n = min(len(a), len(b))
+    return statistics.median(a[i] / b[i] for i in range(n)) if n else None
 
 
 def _check(result, ref):
@@ -453,10 +469,10 @@ def run_case(p, mode, threads, backends, default, peers, rounds, budget, reuse=T
     timed = measure(fns, rounds=rounds, budget=budget, target=target, on_first=check)
     ref.clear()
     S = p.nbytes
-    floor = timed["floor"][0]
-    for name, (sec, calls) in timed.items():
+    for name, (sec, calls, samples) in timed.items():
         impls[name] = {"ms": sec * 1e3, "gbps": PASSES[mode] * S / sec / 1e9,
-                       "floor_ratio": floor / sec, "calls": calls}
+                       "floor_ratio": paired_ratio(timed["floor"][2], samples),
+                       "calls": calls, "samples_ms": [round(t * 1e3, 5) for t in samples]}
         if errors.get(name) is not None:
             impls[name]["max_rel_err"] = errors[name]
             if errors[name] > _TOL[p.dtype]:
@@ -473,27 +489,38 @@ def _ms(impl):
     return impl.get("ms") if impl else None
 
 
+def ratio_of(row, num, den):
+    """``num`` time / ``den`` time in one row: the paired ratio of their samples (see
+    ``paired_ratio``), or, for a report without samples, the ratio of the medians."""
+    a, b = row["impls"].get(num), row["impls"].get(den)
+    if not (_ms(a) and _ms(b)):
+        return None
+    if a.get("samples_ms") and b.get("samples_ms"):
+        return paired_ratio(a["samples_ms"], b["samples_ms"])
+    return a["ms"] / b["ms"]
+
+
 def shortfalls(row):
     """The targets this row misses (float32 spec of issue 5), as short phrases."""
-    im, ours = row["impls"], _ms(row["impls"].get(row["default"]))
-    if ours is None:
+    im, ours = row["impls"], row["default"]
+    if _ms(im.get(ours)) is None:
         return []
     out = []
     if row["mode"] in ("forward", "forward+backward"):
-        peers = {n: _ms(im.get(n)) for n in PEERS if _ms(im.get(n)) is not None}
+        peers = {n: ratio_of(row, n, ours) for n in PEERS if _ms(im.get(n)) is not None}
         if peers:
             best = min(peers, key=peers.get)
-            if peers[best] < ours:
-                out.append(f"{peers[best] / ours:.2f}× {best} (slower)")
-    floor = _ms(im.get("floor"))
-    if floor and row["mib"] >= 1 and floor / ours < 0.8:
-        reuse = _ms(im.get("out="))
-        extra = f" (out= {floor / reuse:.2f})" if reuse else ""
-        out.append(f"floor/ours {floor / ours:.2f}{extra}")
-    torch_ms = _ms(im.get("torch"))
+            if peers[best] < 1:
+                out.append(f"{peers[best]:.2f}× {best} (slower)")
+    floor = ratio_of(row, "floor", ours)
+    if floor and row["mib"] >= 1 and floor < 0.8:
+        reuse = ratio_of(row, "floor", "out=")
+        extra = f" (out= {reuse:.2f})" if reuse else ""
+        out.append(f"floor/ours {floor:.2f}{extra}")
+    torch = ratio_of(row, "torch", ours)
     if (row["mode"] == "forward" and row["variant"] in ("batch", "instance")
-            and row["layout"] == "NCHW" and torch_ms and torch_ms / ours < 3):
-        out.append(f"{torch_ms / ours:.1f}× torch < 3×")
+            and row["layout"] == "NCHW" and torch and torch < 3):
+        out.append(f"{torch:.1f}× torch < 3×")
     return out
 
 
@@ -516,8 +543,8 @@ def columns(results, wide=False):
 
     def ratio(num, den):
         def cell(r):
-            a, b = _ms(r["impls"].get(num)), _ms(r["impls"].get(den))
-            return f"{a / b:.2f}" if a and b else ""
+            q = ratio_of(r, num, den)
+            return f"{q:.2f}" if q else ""
         return cell
 
     def gbps(name):
@@ -573,7 +600,10 @@ def render_markdown(report, wide=False):
              "floor/ours = floor ms / fastnorm ms (1 = at the memory limit); out= = fastnorm "
              "writing into a reused output; ×peer = peer ms / fastnorm ms (> 1: fastnorm "
              "faster); numpy = fastnorm's NumPy backend; ✗ = output differs from numpy's; "
-             "short of target = issue 5's targets this row misses."]
+             "short of target = issue 5's targets this row misses. Ratios are medians of "
+             "per-round ratios (every implementation is timed once per round, back to back), "
+             "so they can differ a little from the ratio of the two ms columns; every sample "
+             "follows an untimed call of the same implementation (its own cache state)."]
     for dtype in dict.fromkeys(r["dtype"] for r in results):
         for th in dict.fromkeys(r["threads"] for r in results):
             rows = [r for r in results if r["dtype"] == dtype and r["threads"] == th]

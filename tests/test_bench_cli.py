@@ -95,8 +95,25 @@ def test_measure_rotates_and_reports_every_callable():
     out = B.measure({"a": make("a"), "b": make("b")}, rounds=4, budget=1.0, target=1e-4,
                     on_first=lambda n, r: seen.setdefault(n, r), settle=0)
     assert seen == {"a": "a", "b": "b"}
-    for name, (sec, timed) in out.items():
-        assert 0 < sec < 1e-3 and timed >= 4 and calls[name] >= timed + 2
+    for name, (sec, timed, samples) in out.items():
+        assert 0 < sec < 1e-3 and timed >= 4 and len(samples) == 4
+        assert sec == sorted(samples)[1] / 2 + sorted(samples)[2] / 2   # the median
+        # warm-up and calibration calls, then one untimed priming call per sample
+        assert calls[name] >= timed + len(samples) + 2
+
+
+def test_paired_ratio_cancels_a_slow_phase():
+    # rounds 1 and 2 ran while the machine was 10x slower for "a" and "b" alike, but
+    # the phase started between a's and b's samples of round 1
+    a, b = [1.0, 10.0, 10.0], [2.0, 2.0, 20.0]
+    assert B.paired_ratio(a, b) == 0.5          # the median of the medians' ratio: 5.0
+    assert B.paired_ratio(a, b[:2]) == (0.5 + 5.0) / 2
+    assert B.paired_ratio(a, []) is None
+    row = {"impls": {"x": {"ms": 10.0, "samples_ms": a}, "y": {"ms": 2.0, "samples_ms": b},
+                     "z": {"ms": 4.0}}}
+    assert B.ratio_of(row, "x", "y") == 0.5
+    assert B.ratio_of(row, "x", "z") == 2.5     # no samples: ratio of the medians
+    assert B.ratio_of(row, "x", "w") is None
 
 
 def test_shortfalls_name_each_missed_target():
