@@ -21,7 +21,7 @@ class Layout:
     def __init__(self, shape, perm):
         self.shape = tuple(shape)
         self.perm = tuple(perm)
-        self.inv = tuple(np.argsort(perm))
+        self.inv = tuple(sorted(range(len(perm)), key=self.perm.__getitem__))
 
     def view(self, a, shape):
         """``a`` (x's shape and layout) seen as the canonical ``shape``, never a copy."""
@@ -96,6 +96,8 @@ def merge_equal(mean, m2, count, axis):
     Exact form for equal counts: mean = average of means; m2 = sum(m2) + count *
     sum((mean_i - mean)**2). NumPy's reduction order over an axis is fixed for a shape.
     """
-    mu = mean.mean(axis=axis, keepdims=True)
-    m2 = m2.sum(axis=axis) + count * ((mean - mu) ** 2).sum(axis=axis)
+    add = np.add.reduce  # = .sum(axis), = .mean(axis) * n, without their Python wrappers
+    mu = add(mean, axis=axis, keepdims=True) / mean.shape[axis]
+    d = mean - mu
+    m2 = add(m2, axis=axis) + count * add(d * d, axis=axis)
     return mu.squeeze(axis), m2

@@ -76,6 +76,9 @@ def _param(a, name, shape, dtype):
     """weight/bias/mean/rstd: None, or a float array of exactly ``shape`` -> contiguous dtype."""
     if a is None:
         return None
+    if (type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
+            and a.flags.c_contiguous and a.flags.aligned):
+        return a  # the common case, without np.require's overhead
     a = np.asarray(a)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {a.dtype}")
@@ -279,7 +282,8 @@ def _spread(v, per, kind):
 
     ``per`` is the (outer, C) grid of the view: rows are (outer*C, ...) so ravel it.
     """
-    f = np.ascontiguousarray(np.broadcast_to(np.asarray(v, _F64), per))
+    f = np.empty(per)
+    f[...] = v
     return f.ravel() if kind == "rows" else f
 
 

@@ -552,23 +552,23 @@ FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff
 #define FN_MOM(W) { \
         fn_v8d a_[(W) / 8], m_[(W) / 8]; \
         int j_; \
-        for (j_ = 0; j_ < (W) / 8; j_++) \
+        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) \
             a_[j_] = FN_SPLAT(0); \
         for (q = 0; q < n; q++) \
-            for (j_ = 0; j_ < (W) / 8; j_++) \
+            FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) \
                 a_[j_] += FN_LD8(x + q * C + c0 + 8 * j_); \
-        for (j_ = 0; j_ < (W) / 8; j_++) { \
+        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
             m_[j_] = a_[j_] / FN_SPLAT(n); \
             a_[j_] = FN_SPLAT(0); \
         } \
         for (q = 0; q < n; q++) { /* from L1; meanwhile fetch the next block's row q */ \
             FN_PREFETCH(x + (n + q) * C + c0, (W) * sizeof(FN_T)); \
-            for (j_ = 0; j_ < (W) / 8; j_++) { \
+            FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
                 const fn_v8d d_ = FN_LD8(x + q * C + c0 + 8 * j_) - m_[j_]; \
                 a_[j_] += d_ * d_; \
             } \
         } \
-        for (j_ = 0; j_ < (W) / 8; j_++) { \
+        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
             FN_ST8D(mu + c0 + 8 * j_, m_[j_]); \
             FN_ST8D(s2 + c0 + 8 * j_, a_[j_]); \
         } \
@@ -660,17 +660,17 @@ FN_CLONES static void FN_NAME(fn_ch_dot)(const FN_T *dy, const FN_T *x, ptrdiff_
 #define FN_DOT(W) { \
         fn_v8d a_[(W) / 8], b_[(W) / 8], m_[(W) / 8]; \
         int j_; \
-        for (j_ = 0; j_ < (W) / 8; j_++) { \
+        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
             a_[j_] = b_[j_] = FN_SPLAT(0); \
             m_[j_] = FN_LD8D(m + c0 + 8 * j_); \
         } \
         for (q = 0; q < n; q++) \
-            for (j_ = 0; j_ < (W) / 8; j_++) { \
+            FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
                 const fn_v8d g_ = FN_LD8(dy + q * C + c0 + 8 * j_); \
                 a_[j_] += g_; \
                 b_[j_] += g_ * (FN_LD8(x + q * C + c0 + 8 * j_) - m_[j_]); \
             } \
-        for (j_ = 0; j_ < (W) / 8; j_++) { \
+        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
             FN_ST8D(s + c0 + 8 * j_, a_[j_]); \
             FN_ST8D(sx + c0 + 8 * j_, b_[j_]); \
         } \
