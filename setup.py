@@ -79,7 +79,7 @@ extensions = Extension(
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                    ("FN_CYTHON_VERSION", f'"{cython_version}"'),
                    ("FN_DEBUG_CHECKS", str(int(DEBUG)))],
-    depends=["fastnorm_cy/_simd.h", "fastnorm_cy/_simd_body.h"],
+    depends=["fastnorm_cy/_simd.h", "fastnorm_cy/_simd_isa.h", "fastnorm_cy/_simd_body.h"],
 )
 
 setup(

@@ -21,7 +21,7 @@ except ImportError:
                           "at install time (`pip install -v .` shows why) or this source "
                           "checkout has not run `python setup.py build_ext --inplace`; "
                           "fastnorm uses Numba instead") from e
-from ._kernels import get_num_threads, info, set_num_threads  # noqa: E402
+from ._kernels import get_num_threads, info, set_num_threads, simd_select  # noqa: E402
 
 KERNELS = {name: (getattr(_kernels, name), getattr(_kernels, name + "_parallel"))
            for name in ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments",
@@ -29,4 +29,4 @@ KERNELS = {name: (getattr(_kernels, name), getattr(_kernels, name + "_parallel")
                         "channels_moments", "channels_scale_shift", "channels_dot",
                         "channels_bwd_apply", "channels_fwd_grouped", "channels_eval")}
 
-__all__ = ["KERNELS", "set_num_threads", "get_num_threads", "info"]
+__all__ = ["KERNELS", "set_num_threads", "get_num_threads", "info", "simd_select"]

@@ -33,6 +33,7 @@ cnp.import_array()
 
 cdef extern from "_simd.h" nogil:
     const char *fn_simd_clone()
+    int fn_simd_select(int want)
     const char *fn_compiler()
     int fn_openmp()
     const char *FN_CYTHON_VERSION
@@ -160,6 +161,23 @@ def get_num_threads():
 
 cdef inline int _par() noexcept:
     return 1 if _forked else _num_threads
+
+
+_SIMD_LEVELS = {"v4": 4, "avx512": 4, "v3": 3, "avx2": 3, "v1": 1, "baseline": 1}
+
+
+def simd_select(level=None):
+    """Pick the instruction set the kernels run on: "v4" (AVX-512), "v3" (AVX2+FMA) or
+    "v1" (x86-64 baseline); None or one this CPU lacks: the best it has. Returns the name of
+    the one in use (as info()["simd_clone"]). Set at import from FASTNORM_SIMD; switching
+    while kernels run on other threads is not safe (tests use it between calls)."""
+    if level is not None and level not in _SIMD_LEVELS:
+        raise ValueError(f"level must be one of {sorted(_SIMD_LEVELS)} or None, got {level!r}")
+    fn_simd_select(_SIMD_LEVELS.get(level, 0))
+    return fn_simd_clone().decode()
+
+
+simd_select(os.environ.get("FASTNORM_SIMD") or None)
 
 
 def info():

@@ -2,10 +2,11 @@
  *
  * Each exported function handles a range of rows (rows kernels) or one block of rows
  * (channels kernels), so a parallel loop in _kernels.pyx makes one call per chunk and the
- * per-element loops are inlined into it. Every exported function is compiled three times
- * (target_clones: x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, default) and the dynamic loader
- * picks the clone for the CPU at load time (an ifunc): one build runs on any x86-64.
- * Other architectures/compilers build the portable path (the same code, one version).
+ * per-element loops are inlined into it. On x86-64 Linux the kernels are compiled three
+ * times, once per instruction set with the vector width it holds in registers (x86-64-v4 =
+ * AVX-512, 64 bytes; x86-64-v3 = AVX2+FMA, 32; baseline, 16), and fn_simd_select picks the
+ * best the CPU runs at import (FASTNORM_SIMD=v3 etc. to choose): one build runs on any
+ * x86-64. Other architectures/compilers build the portable path (one version, 64 bytes).
  *
  * GCC does not vectorize float reductions without reassociation (DESIGN.md §4), so each
  * reduction is either a `#pragma omp simd reduction(+:s)` loop or explicit vectors (below)
@@ -57,32 +58,40 @@
 
 #define FN_INLINE static inline __attribute__((always_inline))
 
-/* Eight lanes of float64 arithmetic on FN_T data, for the apply loops (load x, compute in
- * double, store FN_T). GCC/clang vector extensions: the x86-64-v4 clone runs an op as one
- * zmm instruction, v3 as two ymm, default as four xmm. GCC's own vectorization of these
- * loops loads 16 floats, splits, converts and re-packs them: the channels apply of
- * 32x56x56x64 float32 took 1.7 ms that way and 1.3 ms (Numba's speed) this way. memcpy is
- * the portable unaligned load/store; it compiles to one vmovups. Elsewhere FN_VEC is 0 and
- * the scalar loop after each vector loop does all the work. */
+/* Explicit vectors: GCC/clang vector extensions, FN_LD float64 lanes (FN_VD) and FN_LF
+ * float32 lanes (FN_VF) per vector. The vector width is set per instruction set where each
+ * body is included (bottom of this file): 64 bytes for AVX-512 (x86-64-v4), 32 for AVX2
+ * (x86-64-v3), 16 for the x86-64 baseline -- the widths those CPUs hold in registers (a
+ * 64-byte vector on an AVX2 target lives in memory: GCC 12 made the AVX2 statistics 4-10x
+ * slower than AVX-512 that way). GCC's own vectorization of these loops loads 16 floats,
+ * splits, converts and re-packs them: the channels apply of 32x56x56x64 float32 took 1.7 ms
+ * that way and 1.3 ms (Numba's speed) this way. memcpy is the portable unaligned load/store;
+ * it compiles to one vmovups. Elsewhere FN_VEC is 0 and the scalar loop after each vector
+ * loop does all the work. */
 #if defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 9) && !defined(FN_NO_VEC)
 #define FN_VEC 1
-typedef float fn_v8f __attribute__((vector_size(32)));
-typedef double fn_v8d __attribute__((vector_size(64)));
-#define FN_LD8D(p) __extension__({ fn_v8d v_; memcpy(&v_, (p), sizeof v_); v_; })
-/* float32 -> float64 lane by lane: GCC 12 turns __builtin_convertvector(fn_v8f -> fn_v8d)
- * into two 4-wide converts, an extract and an insert (5 instructions where one does); the
- * lane loop compiles to one vcvtps2pd zmm (x86-64-v4). On data in cache rows_moments,
- * channels_moments and rows_bwd_apply took 0.6x the time, channels_dot 0.5x; from memory
- * batch norm's statistics + apply pair 0.8-0.9x (32x64x56x56 float32). */
-#define FN_CVT8F(src, off) __extension__({ fn_v8d c_; int k_; \
-                                           for (k_ = 0; k_ < 8; k_++) \
+typedef double fn_vd64 __attribute__((vector_size(64)));
+typedef float fn_vf64 __attribute__((vector_size(64)));
+typedef float fn_vf32 __attribute__((vector_size(32)));
+typedef double fn_vd32 __attribute__((vector_size(32)));
+typedef float fn_vf16 __attribute__((vector_size(16)));
+typedef double fn_vd16 __attribute__((vector_size(16)));
+typedef float fn_vf8 __attribute__((vector_size(8)));
+#define FN_LD8D(p) __extension__({ FN_VD v_; memcpy(&v_, (p), sizeof v_); v_; })
+/* float32 -> float64 lane by lane: GCC 12 turns __builtin_convertvector(8 floats -> 8
+ * doubles) into two 4-wide converts, an extract and an insert (5 instructions where one
+ * does); the lane loop compiles to one vcvtps2pd zmm (x86-64-v4). On data in cache
+ * rows_moments, channels_moments and rows_bwd_apply took 0.6x the time, channels_dot 0.5x;
+ * from memory batch norm's statistics + apply pair 0.8-0.9x (32x64x56x56 float32). */
+#define FN_CVT8F(src, off) __extension__({ FN_VD c_; int k_; \
+                                           for (k_ = 0; k_ < FN_LD; k_++) \
                                                c_[k_] = (double)(src)[(off) + k_]; \
                                            c_; })
 #define FN_LD8F(p) __extension__({ const float *q_ = (p); FN_CVT8F(q_, 0); })
-#define FN_ST8D(p, d) do { fn_v8d v_ = (d); memcpy((p), &v_, sizeof v_); } while (0)
-#define FN_ST8F(p, d) do { fn_v8f v_ = __builtin_convertvector((d), fn_v8f); \
+#define FN_ST8D(p, d) do { FN_VD v_ = (d); memcpy((p), &v_, sizeof v_); } while (0)
+#define FN_ST8F(p, d) do { FN_VFH v_ = __builtin_convertvector((d), FN_VFH); \
                            memcpy((p), &v_, sizeof v_); } while (0)
-#define FN_SPLAT(s) ((fn_v8d){0, 0, 0, 0, 0, 0, 0, 0} + (double)(s))
+#define FN_SPLAT(s) ((FN_VD){0} + (double)(s))
 /* Unroll a loop over the register accumulators of a column chunk whole, so they stay in
  * registers (GCC stopped doing so by itself once FN_CVT8F's lane loop sat inside) */
 #define FN_UNROLL _Pragma("GCC unroll 16")
@@ -93,15 +102,15 @@ typedef double fn_v8d __attribute__((vector_size(64)));
                                              for (k_ = 0; k_ < w_; k_++) \
                                                  t_[k_] += t_[k_ + w_]; \
                                          t_[0]; })
-/* p[0:FN_VN] (float64) += the lanes of v (an FN_VT), converted to float64 */
-#define FN_ACC64F(p, v) do { fn_v16f a_ = (v); \
+/* p[0:FN_LF] (float64) += the lanes of v (an FN_VF), converted to float64 */
+#define FN_ACC64F(p, v) do { FN_VF a_ = (v); \
                              FN_ST8D((p), FN_LD8D(p) + FN_CVT8F(a_, 0)); \
-                             FN_ST8D((p) + 8, FN_LD8D((p) + 8) + FN_CVT8F(a_, 8)); \
+                             FN_ST8D((p) + FN_LD, FN_LD8D((p) + FN_LD) + FN_CVT8F(a_, FN_LD)); \
                         } while (0)
 #define FN_ACC64D(p, v) FN_ST8D((p), FN_LD8D(p) + (v))
-/* 64 bytes of FN_T (16 floats / 8 doubles), for reductions in FN_T lanes */
-typedef float fn_v16f __attribute__((vector_size(64)));
 #define FN_LDV(p) __extension__({ FN_VT v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define FN_STV(p, v) do { FN_VT v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
+#define FN_SPLATV(s) ((FN_VT){0} + (FN_T)(s))
 #else /* no vector extensions: the vector loops below compile to nothing */
 #define FN_VEC 0
 #define FN_LD8D(p) 0.0
@@ -110,72 +119,62 @@ typedef float fn_v16f __attribute__((vector_size(64)));
 #define FN_ST8F(p, d) ((void)(d))
 #define FN_SPLAT(s) 0.0
 #define FN_UNROLL
+#define FN_LDV(p) 0
+#define FN_STV(p, v) ((void)(v))
+#define FN_SPLATV(s) 0
 #endif
 
-/* Non-temporal stores (SSE2 movntps/movntpd, in every x86-64 clone): an output larger than
- * the caches is written past them, without first reading each line it overwrites (the
+/* Non-temporal stores (SSE2 movntps, in every x86-64 build): an output larger than the
+ * caches is written past them, without first reading each line it overwrites (the
  * read-for-ownership of an ordinary store). The write stream of an apply pass then costs 1x
  * its bytes instead of 2x; measured ~17% off a 24.5 MiB scale-shift from memory, one
  * thread. Only outputs of FN_STREAM_MIN bytes or more (_kernels.pyx: _streaming): a smaller
  * one is likely still in cache when the caller reads it. Each kernel ends with a store
- * fence, so the data is visible to other threads when it returns. */
+ * fence, so the data is visible to other threads when it returns. A vector narrower than 16
+ * bytes is stored normally. */
 #define FN_STREAM_MIN ((ptrdiff_t)8 << 20)
 #if FN_VEC && defined(__x86_64__) && defined(__SSE2__)
 #include <emmintrin.h>
 #define FN_HAVE_NT 1
-#define FN_ST8F_NT(p, d) do { fn_v8f v_ = __builtin_convertvector((d), fn_v8f); __m128 h_[2]; \
-                              memcpy(h_, &v_, sizeof v_); _mm_stream_ps((p), h_[0]); \
-                              _mm_stream_ps((p) + 4, h_[1]); } while (0)
-#define FN_ST8D_NT(p, d) do { fn_v8d v_ = (d); __m128d h_[4]; memcpy(h_, &v_, sizeof v_); \
-                              _mm_stream_pd((p), h_[0]); _mm_stream_pd((p) + 2, h_[1]); \
-                              _mm_stream_pd((p) + 4, h_[2]); _mm_stream_pd((p) + 6, h_[3]); \
-                         } while (0)
+#define FN_STREAM(p, v) do { __typeof__(v) s_ = (v); size_t k_; \
+                             if (sizeof s_ < 16) { memcpy((p), &s_, sizeof s_); break; } \
+                             for (k_ = 0; k_ < sizeof s_; k_ += 16) { \
+                                 __m128 h_; memcpy(&h_, (char *)&s_ + k_, 16); \
+                                 _mm_stream_ps((float *)((char *)(p) + k_), h_); } \
+                        } while (0)
+#define FN_ST8F_NT(p, d) do { FN_VFH w_ = __builtin_convertvector((d), FN_VFH); \
+                              FN_STREAM((p), w_); } while (0)
+#define FN_ST8D_NT(p, d) do { FN_VD w_ = (d); FN_STREAM((p), w_); } while (0)
+#define FN_STV_NT(p, v) do { FN_VT w_ = (v); FN_STREAM((p), w_); } while (0)
 #define FN_SFENCE() _mm_sfence()
 #else
 #define FN_HAVE_NT 0
 #define FN_ST8F_NT FN_ST8F
 #define FN_ST8D_NT FN_ST8D
+#define FN_STV_NT FN_STV
 #define FN_SFENCE() ((void)0)
 #endif
 
-/* dst[i] = (FN_T)(SEXPR) for i in [0, n), VEXPR (eight float64 lanes of the same formula)
+/* dst[i] = (FN_T)(SEXPR) for i in [0, n), VEXPR (FN_LD float64 lanes of the same formula)
  * where whole vectors fit; non-temporal (nts) from the first 16-byte aligned element. */
 #define FN_APPLY(i, n, dst, VEXPR, SEXPR, nts) do { \
         i = 0; \
         if (FN_HAVE_NT && (nts)) { \
             for (; i < (n) && ((size_t)((dst) + i) & 15); i++) \
                 (dst)[i] = (FN_T)(SEXPR); \
-            for (; i + 8 <= (n); i += 8) \
+            for (; i + FN_LD <= (n); i += FN_LD) \
                 FN_ST8_NT((dst) + i, (VEXPR)); \
         } \
-        for (; FN_VEC && i + 8 <= (n); i += 8) \
+        for (; FN_VEC && i + FN_LD <= (n); i += FN_LD) \
             FN_ST8((dst) + i, (VEXPR)); \
         for (; i < (n); i++) \
             (dst)[i] = (FN_T)(SEXPR); \
     } while (0)
 
-/* The same in FN_T lanes (FN_VN per vector, 16 floats): the forward applies, written as
+/* The same in FN_T lanes (FN_VN per vector): the forward applies, written as
  * y = ((x - mh) - ml) * a + b with mh + ml the float64 mean split in two FN_T (exact where x
  * is near the mean: no cancellation, a constant channel gives exactly b) and a, b rounded
  * to FN_T. For float64 data ml is 0 and this is the float64 formula itself. */
-#if FN_VEC
-#define FN_STV(p, v) do { FN_VT v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
-#define FN_SPLATV(s) ((FN_VT){0} + (FN_T)(s))
-#if FN_HAVE_NT
-#define FN_STV_NT(p, v) do { FN_VT v_ = (v); __m128 h_[4]; memcpy(h_, &v_, sizeof v_); \
-                             _mm_stream_ps((float *)(p), h_[0]); \
-                             _mm_stream_ps((float *)(p) + 4, h_[1]); \
-                             _mm_stream_ps((float *)(p) + 8, h_[2]); \
-                             _mm_stream_ps((float *)(p) + 12, h_[3]); } while (0)
-#else
-#define FN_STV_NT FN_STV
-#endif
-#else
-#define FN_LDV(p) 0
-#define FN_STV(p, v) ((void)(v))
-#define FN_STV_NT(p, v) ((void)(v))
-#define FN_SPLATV(s) 0
-#endif
 #define FN_APPLYV(i, n, dst, VEXPR, SEXPR, nts) do { \
         i = 0; \
         if (FN_HAVE_NT && (nts)) { \
@@ -203,21 +202,6 @@ typedef float fn_v16f __attribute__((vector_size(64)));
 #ifndef FN_BWD_ROWS
 #define FN_BWD_ROWS 2 /* rows per pass of fn_rows_bwd: 2 measured faster than 1, 4 and 8 */
 #endif
-
-/* The clone the ifunc resolver picks on this CPU (same test, same order). */
-static const char *fn_simd_clone(void)
-{
-#if FN_HAVE_CLONES
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4"))
-        return "x86-64-v4 (AVX-512)";
-    if (__builtin_cpu_supports("x86-64-v3"))
-        return "x86-64-v3 (AVX2+FMA)";
-    return "default (x86-64 baseline)";
-#else
-    return "portable (no multiversioning on this platform)";
-#endif
-}
 
 static const char *fn_compiler(void)
 {
@@ -319,24 +303,109 @@ FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *
 #define FN_CAT(a, b) FN_CAT2(a, b)
 #define FN_NAME(name) FN_CAT(name, FN_SUF)
 
-#define FN_T float
-#define FN_SUF _f32
-#define FN_LD8 FN_LD8F
-#define FN_ST8 FN_ST8F
-#define FN_ST8_NT FN_ST8F_NT
-#define FN_VT fn_v16f
-#define FN_VN 16
-#define FN_ACC64 FN_ACC64F
-#include "_simd_body.h" /* which undefines its parameters */
+/* The bodies: _simd_isa.h includes _simd_body.h for float and for double, with names ending
+ * in _f32/_f64 then FN_ISUF, at the vector width FN_VD/FN_LD (float64) and FN_VF/FN_LF
+ * (float32, FN_VFH: FN_LD floats), each function with the attribute FN_TARGET. */
+#if FN_HAVE_CLONES
+/* One body per instruction set, each at the width that set holds in registers, and the
+ * exported names (those _kernels.pyx calls) pick one through fn_isa, set once at import by
+ * fn_simd_select. target_clones cannot do this: its clones share one source, so one vector
+ * width. */
+#define FN_VD fn_vd64
+#define FN_LD 8
+#define FN_VF fn_vf64
+#define FN_LF 16
+#define FN_VFH fn_vf32
+#define FN_TARGET __attribute__((target("arch=x86-64-v4")))
+#define FN_ISUF _v4
+#include "_simd_isa.h"
+#define FN_VD fn_vd32
+#define FN_LD 4
+#define FN_VF fn_vf32
+#define FN_LF 8
+#define FN_VFH fn_vf16
+#define FN_TARGET __attribute__((target("arch=x86-64-v3")))
+#define FN_ISUF _v3
+#include "_simd_isa.h"
+#define FN_VD fn_vd16
+#define FN_LD 2
+#define FN_VF fn_vf16
+#define FN_LF 4
+#define FN_VFH fn_vf8
+#define FN_TARGET
+#define FN_ISUF _v1
+#include "_simd_isa.h"
 
-#define FN_T double
-#define FN_SUF _f64
-#define FN_LD8 FN_LD8D
-#define FN_ST8 FN_ST8D
-#define FN_ST8_NT FN_ST8D_NT
-#define FN_VT fn_v8d
-#define FN_VN 8
-#define FN_ACC64 FN_ACC64D
-#include "_simd_body.h" /* which undefines its parameters */
+static int fn_isa = 1; /* the body in use: 4 (AVX-512), 3 (AVX2+FMA) or 1 (baseline) */
+#define FN_PICK(f) (fn_isa == 4 ? f##_v4 : fn_isa == 3 ? f##_v3 : f##_v1)
+#define fn_rows_fwd_f32 FN_PICK(fn_rows_fwd_f32)
+#define fn_rows_fwd_f64 FN_PICK(fn_rows_fwd_f64)
+#define fn_rows_fwd_grouped_f32 FN_PICK(fn_rows_fwd_grouped_f32)
+#define fn_rows_fwd_grouped_f64 FN_PICK(fn_rows_fwd_grouped_f64)
+#define fn_rows_bwd_f32 FN_PICK(fn_rows_bwd_f32)
+#define fn_rows_bwd_f64 FN_PICK(fn_rows_bwd_f64)
+#define fn_rows_moments_f32 FN_PICK(fn_rows_moments_f32)
+#define fn_rows_moments_f64 FN_PICK(fn_rows_moments_f64)
+#define fn_rows_scale_shift_f32 FN_PICK(fn_rows_scale_shift_f32)
+#define fn_rows_scale_shift_f64 FN_PICK(fn_rows_scale_shift_f64)
+#define fn_rows_dot_f32 FN_PICK(fn_rows_dot_f32)
+#define fn_rows_dot_f64 FN_PICK(fn_rows_dot_f64)
+#define fn_rows_bwd_apply_f32 FN_PICK(fn_rows_bwd_apply_f32)
+#define fn_rows_bwd_apply_f64 FN_PICK(fn_rows_bwd_apply_f64)
+#define fn_rows_bwd_grouped_f32 FN_PICK(fn_rows_bwd_grouped_f32)
+#define fn_rows_bwd_grouped_f64 FN_PICK(fn_rows_bwd_grouped_f64)
+#define fn_ch_moments_f32 FN_PICK(fn_ch_moments_f32)
+#define fn_ch_moments_f64 FN_PICK(fn_ch_moments_f64)
+#define fn_ch_scale_shift_f32 FN_PICK(fn_ch_scale_shift_f32)
+#define fn_ch_scale_shift_f64 FN_PICK(fn_ch_scale_shift_f64)
+#define fn_ch_dot_f32 FN_PICK(fn_ch_dot_f32)
+#define fn_ch_dot_f64 FN_PICK(fn_ch_dot_f64)
+#define fn_ch_bwd_apply_f32 FN_PICK(fn_ch_bwd_apply_f32)
+#define fn_ch_bwd_apply_f64 FN_PICK(fn_ch_bwd_apply_f64)
+#define fn_ch_fwd_grouped_f32 FN_PICK(fn_ch_fwd_grouped_f32)
+#define fn_ch_fwd_grouped_f64 FN_PICK(fn_ch_fwd_grouped_f64)
+#define fn_ch_eval_coefs_f32 FN_PICK(fn_ch_eval_coefs_f32)
+#define fn_ch_eval_coefs_f64 FN_PICK(fn_ch_eval_coefs_f64)
+#define fn_ch_eval_apply_f32 FN_PICK(fn_ch_eval_apply_f32)
+#define fn_ch_eval_apply_f64 FN_PICK(fn_ch_eval_apply_f64)
+
+/* The best body this CPU runs, or ``want`` (4, 3, 1) when the CPU runs it (tests, and
+ * FASTNORM_SIMD); returns the level now in use. Called at import, before any kernel. */
+static int fn_simd_select(int want)
+{
+    int best;
+    __builtin_cpu_init();
+    best = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 1;
+    fn_isa = (want == 4 || want == 3 || want == 1) && want <= best ? want : best;
+    return fn_isa;
+}
+
+static const char *fn_simd_clone(void)
+{
+    return fn_isa == 4 ? "x86-64-v4 (AVX-512, 64-byte vectors)"
+         : fn_isa == 3 ? "x86-64-v3 (AVX2+FMA, 32-byte vectors)"
+         : "default (x86-64 baseline, 16-byte vectors)";
+}
+#else
+#define FN_VD fn_vd64
+#define FN_LD 8
+#define FN_VF fn_vf64
+#define FN_LF 16
+#define FN_VFH fn_vf32
+#define FN_TARGET
+#define FN_ISUF
+#include "_simd_isa.h"
+
+static int fn_simd_select(int want)
+{
+    (void)want;
+    return 0;
+}
+
+static const char *fn_simd_clone(void)
+{
+    return "portable (no multiversioning on this platform)";
+}
+#endif
 
 #endif /* FASTNORM_SIMD_H */

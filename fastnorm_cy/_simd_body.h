@@ -16,15 +16,15 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
     double s = 0.0, q = 0.0, m;
     ptrdiff_t i = 0;
 #if FN_VEC
-    fn_v8d a0 = FN_SPLAT(0), a1 = a0, a2 = a0, a3 = a0, mv;
-    for (; i + 32 <= n; i += 32) {
+    FN_VD a0 = FN_SPLAT(0), a1 = a0, a2 = a0, a3 = a0, mv;
+    for (; i + 4 * FN_LD <= n; i += 4 * FN_LD) {
         a0 += FN_LD8(x + i);
-        a1 += FN_LD8(x + i + 8);
-        a2 += FN_LD8(x + i + 16);
-        a3 += FN_LD8(x + i + 24);
+        a1 += FN_LD8(x + i + FN_LD);
+        a2 += FN_LD8(x + i + 2 * FN_LD);
+        a3 += FN_LD8(x + i + 3 * FN_LD);
     }
     a0 = (a0 + a1) + (a2 + a3);
-    s = FN_HSUM(double, 8, a0);
+    s = FN_HSUM(double, FN_LD, a0);
 #endif
     for (; i < n; i++)
         s += (double)x[i];
@@ -33,17 +33,17 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
 #if FN_VEC
     mv = FN_SPLAT(m);
     a0 = a1 = a2 = a3 = FN_SPLAT(0);
-    for (; i + 32 <= n; i += 32) {
-        FN_PREFETCH(x + n + i, 32 * sizeof(FN_T));
-        const fn_v8d d0 = FN_LD8(x + i) - mv, d1 = FN_LD8(x + i + 8) - mv;
-        const fn_v8d d2 = FN_LD8(x + i + 16) - mv, d3 = FN_LD8(x + i + 24) - mv;
+    for (; i + 4 * FN_LD <= n; i += 4 * FN_LD) {
+        FN_PREFETCH(x + n + i, 4 * FN_LD * sizeof(FN_T));
+        const FN_VD d0 = FN_LD8(x + i) - mv, d1 = FN_LD8(x + i + FN_LD) - mv;
+        const FN_VD d2 = FN_LD8(x + i + 2 * FN_LD) - mv, d3 = FN_LD8(x + i + 3 * FN_LD) - mv;
         a0 += d0 * d0;
         a1 += d1 * d1;
         a2 += d2 * d2;
         a3 += d3 * d3;
     }
     a0 = (a0 + a1) + (a2 + a3);
-    q = FN_HSUM(double, 8, a0);
+    q = FN_HSUM(double, FN_LD, a0);
 #endif
     for (; i < n; i++) {
         double d = (double)x[i] - m;
@@ -180,7 +180,7 @@ FN_INLINE void FN_NAME(fn_row_moments)(const FN_T *x, ptrdiff_t n, int lanes, do
  * one write of y), so the arithmetic runs in FN_T lanes: the mean split as hi + lo,
  * y = ((x - hi) - lo) * (rstd * w) + b, as fastnorm/_numba/rows.py.
  * IN x (R, M), w/b (M,) or NULL, eps, rms   OUT y (R, M), mean/rstd (R,) */
-FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_T *w,
+FN_TARGET static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_T *w,
                                            const FN_T *b, double eps, int rms, FN_T *y,
                                            FN_T *mean, FN_T *rstd, ptrdiff_t lo, ptrdiff_t hi)
 {
@@ -251,7 +251,7 @@ FN_CLONES static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
  * (sample, group) read from memory once, statistics and apply in FN_T lanes (as
  * fastnorm/_numba); channel k of row r scaled by w[(r % G) * K + k].
  * IN x (R, K, S), w/b (G, K) or NULL, eps   OUT y (R, K, S), mean/rstd (R,) */
-FN_CLONES static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, ptrdiff_t S,
+FN_TARGET static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, ptrdiff_t S,
                                                    ptrdiff_t G, const FN_T *w, const FN_T *b,
                                                    double eps, FN_T *y, FN_T *mean,
                                                    FN_T *rstd, ptrdiff_t lo, ptrdiff_t hi,
@@ -387,7 +387,7 @@ FN_INLINE void FN_NAME(fn_rows_bwd_group)(const FN_T *dy, const FN_T *x, const F
                                 (FN_T)((double)sgx[k] / (double)M), M, dx + (r + k) * M, nts);
 }
 
-FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const FN_T *mean,
+FN_TARGET static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const FN_T *mean,
                                            const FN_T *rstd, const FN_T *w, int rms,
                                            ptrdiff_t M, FN_T *dx, double *FN_RESTRICT dwb,
                                            double *FN_RESTRICT dbb,
@@ -404,7 +404,7 @@ FN_CLONES static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const 
 }
 
 /* rows_moments on rows [lo, hi).   IN x (R, M)   OUT mean, m2 (R,) float64 */
-FN_CLONES static void FN_NAME(fn_rows_moments)(const FN_T *x, ptrdiff_t M, double *mean,
+FN_TARGET static void FN_NAME(fn_rows_moments)(const FN_T *x, ptrdiff_t M, double *mean,
                                                double *m2, ptrdiff_t lo, ptrdiff_t hi)
 {
     ptrdiff_t r;
@@ -414,7 +414,7 @@ FN_CLONES static void FN_NAME(fn_rows_moments)(const FN_T *x, ptrdiff_t M, doubl
 
 /* rows_scale_shift on rows [lo, hi).
  * IN x (R, M), mean/alpha/beta (R,) float64   OUT y = (x - mean) * alpha + beta */
-FN_CLONES static void FN_NAME(fn_rows_scale_shift)(const FN_T *x, ptrdiff_t M,
+FN_TARGET static void FN_NAME(fn_rows_scale_shift)(const FN_T *x, ptrdiff_t M,
                                                    const double *mean, const double *alpha,
                                                    const double *beta, FN_T *y,
                                                    ptrdiff_t lo, ptrdiff_t hi, int nts)
@@ -435,7 +435,7 @@ FN_CLONES static void FN_NAME(fn_rows_scale_shift)(const FN_T *x, ptrdiff_t M,
 
 /* rows_dot on rows [lo, hi).
  * IN dy, x (R, M), mean (R,) float64   OUT sum_dy, sum_dyxc (R,) float64 */
-FN_CLONES static void FN_NAME(fn_rows_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
+FN_TARGET static void FN_NAME(fn_rows_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
                                            const double *mean, double *sum_dy,
                                            double *sum_dyxc, ptrdiff_t lo, ptrdiff_t hi)
 {
@@ -448,7 +448,7 @@ FN_CLONES static void FN_NAME(fn_rows_dot)(const FN_T *dy, const FN_T *x, ptrdif
 
 /* rows_bwd_apply on rows [lo, hi).
  * IN dy, x (R, M), mean/c1/c2/c3 (R,) float64   OUT dx = c1*dy + c2*(x - mean) + c3 */
-FN_CLONES static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
+FN_TARGET static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
                                                  const double *mean, const double *c1,
                                                  const double *c2, const double *c3,
                                                  FN_T *dx, ptrdiff_t lo, ptrdiff_t hi,
@@ -473,7 +473,7 @@ FN_CLONES static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, 
  * + c3 in float64 lanes as fn_rows_bwd_apply, as fastnorm/_numba/rows.py.
  * IN dy, x (R, K, S), mean/rstd (R,) float64, w (G, K) float64 or NULL
  * OUT dx (R, K, S); sdy, sdxh (R, K) float64: per segment sums of dy and dy * xhat */
-FN_CLONES static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x,
+FN_TARGET static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x,
                                                    ptrdiff_t K, ptrdiff_t S, ptrdiff_t G,
                                                    const double *mean, const double *rstd,
                                                    const double *w, FN_T *dx, double *sdy,
@@ -544,33 +544,33 @@ FN_CLONES static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x
 
 /* IN x block (n, C)   OUT mu, s2 (C,) float64: the block's mean and M2 per column, two
  * passes (the block is in L1 for the second), float64 accumulation */
-FN_CLONES static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+FN_TARGET static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
                                              double *FN_RESTRICT mu, double *FN_RESTRICT s2)
 {
     ptrdiff_t q, c, c0 = 0;
 #if FN_VEC
 #define FN_MOM(W) { \
-        fn_v8d a_[(W) / 8], m_[(W) / 8]; \
+        FN_VD a_[(W) / FN_LD], m_[(W) / FN_LD]; \
         int j_; \
-        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) \
+        FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) \
             a_[j_] = FN_SPLAT(0); \
         for (q = 0; q < n; q++) \
-            FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) \
-                a_[j_] += FN_LD8(x + q * C + c0 + 8 * j_); \
-        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
+            FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) \
+                a_[j_] += FN_LD8(x + q * C + c0 + FN_LD * j_); \
+        FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) { \
             m_[j_] = a_[j_] / FN_SPLAT(n); \
             a_[j_] = FN_SPLAT(0); \
         } \
         for (q = 0; q < n; q++) { /* from L1; meanwhile fetch the next block's row q */ \
             FN_PREFETCH(x + (n + q) * C + c0, (W) * sizeof(FN_T)); \
-            FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
-                const fn_v8d d_ = FN_LD8(x + q * C + c0 + 8 * j_) - m_[j_]; \
+            FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) { \
+                const FN_VD d_ = FN_LD8(x + q * C + c0 + FN_LD * j_) - m_[j_]; \
                 a_[j_] += d_ * d_; \
             } \
         } \
-        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
-            FN_ST8D(mu + c0 + 8 * j_, m_[j_]); \
-            FN_ST8D(s2 + c0 + 8 * j_, a_[j_]); \
+        FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) { \
+            FN_ST8D(mu + c0 + FN_LD * j_, m_[j_]); \
+            FN_ST8D(s2 + c0 + FN_LD * j_, a_[j_]); \
         } \
     }
     for (; c0 + 8 <= C; c0 += 64) {
@@ -628,7 +628,7 @@ FN_INLINE void FN_NAME(fn_ch_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t w, ptr
 /* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b, in FN_T lanes: the
  * mean split hi + lo, a and b rounded to FN_T, FN_CH_COLS columns at a time. */
 #define FN_CH_COLS 256
-FN_CLONES static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+FN_TARGET static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
                                                  const double *FN_RESTRICT m,
                                                  const double *FN_RESTRICT a,
                                                  const double *FN_RESTRICT b, FN_T *y,
@@ -651,28 +651,28 @@ FN_CLONES static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptr
 }
 
 /* IN dy, x blocks (n, C), m (C,) float64   OUT s, sx (C,) float64: sums of dy, dy*(x - m) */
-FN_CLONES static void FN_NAME(fn_ch_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t n,
+FN_TARGET static void FN_NAME(fn_ch_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t n,
                                          ptrdiff_t C, const double *FN_RESTRICT m,
                                          double *FN_RESTRICT s, double *FN_RESTRICT sx)
 {
     ptrdiff_t q, c, c0 = 0;
 #if FN_VEC
 #define FN_DOT(W) { \
-        fn_v8d a_[(W) / 8], b_[(W) / 8], m_[(W) / 8]; \
+        FN_VD a_[(W) / FN_LD], b_[(W) / FN_LD], m_[(W) / FN_LD]; \
         int j_; \
-        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
+        FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) { \
             a_[j_] = b_[j_] = FN_SPLAT(0); \
-            m_[j_] = FN_LD8D(m + c0 + 8 * j_); \
+            m_[j_] = FN_LD8D(m + c0 + FN_LD * j_); \
         } \
         for (q = 0; q < n; q++) \
-            FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
-                const fn_v8d g_ = FN_LD8(dy + q * C + c0 + 8 * j_); \
+            FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) { \
+                const FN_VD g_ = FN_LD8(dy + q * C + c0 + FN_LD * j_); \
                 a_[j_] += g_; \
-                b_[j_] += g_ * (FN_LD8(x + q * C + c0 + 8 * j_) - m_[j_]); \
+                b_[j_] += g_ * (FN_LD8(x + q * C + c0 + FN_LD * j_) - m_[j_]); \
             } \
-        FN_UNROLL for (j_ = 0; j_ < (W) / 8; j_++) { \
-            FN_ST8D(s + c0 + 8 * j_, a_[j_]); \
-            FN_ST8D(sx + c0 + 8 * j_, b_[j_]); \
+        FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) { \
+            FN_ST8D(s + c0 + FN_LD * j_, a_[j_]); \
+            FN_ST8D(sx + c0 + FN_LD * j_, b_[j_]); \
         } \
     }
     for (; c0 + 8 <= C; c0 += 64) {
@@ -699,7 +699,7 @@ FN_CLONES static void FN_NAME(fn_ch_dot)(const FN_T *dy, const FN_T *x, ptrdiff_
 
 /* IN dy, x blocks (n, C), m/c1/c2/c3 (C,) float64   OUT dx = c1*dy + c2*(x - m) + c3
  * dx does not overlap dy or x (checked by the caller). */
-FN_CLONES static void FN_NAME(fn_ch_bwd_apply)(const FN_T *FN_RESTRICT dy,
+FN_TARGET static void FN_NAME(fn_ch_bwd_apply)(const FN_T *FN_RESTRICT dy,
                                                const FN_T *FN_RESTRICT x, ptrdiff_t n,
                                                ptrdiff_t C, const double *FN_RESTRICT m,
                                                const double *FN_RESTRICT c1,
@@ -726,7 +726,7 @@ FN_CLONES static void FN_NAME(fn_ch_bwd_apply)(const FN_T *FN_RESTRICT dy,
  * L3) between the statistics and the apply, so x is read from memory once. Per-column block
  * moments merged in block order (as channels_moments), then the K columns of a group merged
  * as equal-count sets (as fastnorm._geometry.merge_equal), as fastnorm/_numba. */
-FN_CLONES static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptrdiff_t C,
+FN_TARGET static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptrdiff_t C,
                                                  ptrdiff_t G, ptrdiff_t h, const FN_T *w,
                                                  const FN_T *b, double eps, FN_T *y,
                                                  FN_T *mean, FN_T *rstd,
@@ -770,7 +770,7 @@ FN_CLONES static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptr
  * fn_ch_scale_shift would convert from the API's NumPy coefficients (rstd = 1 / sqrt(var +
  * eps) and a = rstd * w in float64, then rounded), so fused and composed give the same bits;
  * the mean is already FN_T, so its low part is 0. */
-FN_CLONES static void FN_NAME(fn_ch_eval_coefs)(const FN_T *mean, const FN_T *var,
+FN_TARGET static void FN_NAME(fn_ch_eval_coefs)(const FN_T *mean, const FN_T *var,
                                                 const FN_T *w, const FN_T *b, double eps,
                                                 ptrdiff_t C, FN_T *mh, FN_T *ml, FN_T *af,
                                                 FN_T *bf)
@@ -787,7 +787,7 @@ FN_CLONES static void FN_NAME(fn_ch_eval_coefs)(const FN_T *mean, const FN_T *va
 }
 
 /* channels_eval on a block of n rows (n, C) with the coefficients of fn_ch_eval_coefs */
-FN_CLONES static void FN_NAME(fn_ch_eval_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+FN_TARGET static void FN_NAME(fn_ch_eval_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
                                                 const FN_T *mh, const FN_T *ml,
                                                 const FN_T *af, const FN_T *bf, FN_T *y,
                                                 int nts)

@@ -36,6 +36,29 @@ needs_cy = pytest.mark.skipif(cy is None and not REQUIRED,
 BIG = _dispatch.PARALLEL_MIN  # elements: inputs at least this large take the parallel path
 
 
+def _simd_levels():
+    """The instruction-set bodies this CPU runs ("v4", "v3", "v1"), or ["best"] (one body:
+    a build without multiversioning, or no extension)."""
+    if cy is None:
+        return ["best"]
+    names = {"v4": "x86-64-v4", "v3": "x86-64-v3", "v1": "default"}
+    out = [lv for lv, name in names.items() if cy.simd_select(lv).startswith(name)]
+    cy.simd_select(os.environ.get("FASTNORM_SIMD") or None)
+    return out or ["best"]
+
+
+SIMD_LEVELS = _simd_levels()
+
+
+@pytest.fixture(params=SIMD_LEVELS)
+def simd(request):
+    """Run the test on each instruction-set body (each has its own vector width, so its own
+    summation order), then restore the one chosen at import."""
+    cy.simd_select(None if request.param == "best" else request.param)
+    yield request.param
+    cy.simd_select(os.environ.get("FASTNORM_SIMD") or None)
+
+
 def test_extension_is_built():
     if cy is None and not REQUIRED:
         pytest.skip("fastnorm_cy is not built and FASTNORM_REQUIRE_CYTHON is not set")
@@ -148,7 +171,7 @@ def _check(name, results, dtype, what, offset=0.0, hint=1.0):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 @pytest.mark.parametrize("name", ROWS + CHANNELS)
-def test_kernel_matches_twin(name, offset, dtype):
+def test_kernel_matches_twin(name, offset, dtype, simd):
     rng = np.random.default_rng(int(offset) + len(name))
     shapes = ROW_SHAPES if name.startswith("rows") else CH_SHAPES
     for shape in shapes:
@@ -163,7 +186,7 @@ def test_kernel_matches_twin(name, offset, dtype):
 
 
 @needs_cy
-def test_parallel_kernels_same_bits_as_serial_on_big_inputs():
+def test_parallel_kernels_same_bits_as_serial_on_big_inputs(simd):
     # large enough that the parallel loops split the work between two threads
     rng = np.random.default_rng(1)
     cy.set_num_threads(2)
@@ -176,7 +199,7 @@ def test_parallel_kernels_same_bits_as_serial_on_big_inputs():
 
 
 @needs_cy
-def test_nan_and_inf_propagate_like_the_twin():
+def test_nan_and_inf_propagate_like_the_twin(simd):
     x = np.random.default_rng(2).standard_normal((4, 50))
     x[1, 3], x[2, 7] = np.nan, np.inf
     for name in ("rows_fwd", "rows_moments"):
@@ -190,7 +213,7 @@ def test_nan_and_inf_propagate_like_the_twin():
 
 
 @needs_cy
-def test_constant_row_gives_exactly_beta():
+def test_constant_row_gives_exactly_beta(simd):
     # DESIGN §5: a constant row at 1e4+0.1 normalizes to exactly 0, so y is exactly bias
     x = np.full((2, 768), 1e4 + 0.1, np.float32)
     b = np.linspace(-1, 1, 768).astype(np.float32)
@@ -339,6 +362,27 @@ def test_module_contract():
     cy.set_num_threads(n)
     with pytest.raises(ValueError):
         cy.set_num_threads(0)
+
+
+@needs_cy
+def test_simd_select_switches_and_checks_its_argument():
+    try:
+        for lv in SIMD_LEVELS:
+            name = cy.simd_select(None if lv == "best" else lv)
+            assert cy.info()["simd_clone"] == name
+        best = cy.simd_select(None)
+        assert best == cy.info()["simd_clone"] and best.startswith(
+            {"v4": "x86-64-v4", "v3": "x86-64-v3", "v1": "default", "best": ""}[SIMD_LEVELS[0]])
+        with pytest.raises(ValueError, match="level"):
+            cy.simd_select("sse9")
+    finally:
+        cy.simd_select(os.environ.get("FASTNORM_SIMD") or None)
+    if "v3" in SIMD_LEVELS:   # FASTNORM_SIMD picks the body at import
+        code = "import fastnorm_cy as cy; print(cy.info()['simd_clone'])"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, cwd=SAME_FASTNORM,
+                             env={**os.environ, "FASTNORM_SIMD": "avx2"}).stdout
+        assert out.startswith("x86-64-v3")
 
 
 @needs_cy
@@ -613,7 +657,7 @@ def test_eight_threads_get_the_serial_results(backend):
 
 @needs_cy
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_streaming_stores_write_the_same_bits(dtype):
+def test_streaming_stores_write_the_same_bits(dtype, simd):
     """Outputs of FN_STREAM_MIN (8 MiB) or more are written with non-temporal stores, from
     the first 16-byte aligned element of each row: a big call (rows of odd width, outputs
     misaligned by one element) gives the bits of the same work done in small calls."""
