@@ -254,7 +254,7 @@ class Module:
         unexpected = [k for k in state_dict if k not in slots]
         if strict and (missing or unexpected):
             raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}: "
-                           f"missing keys {missing}, unexpected keys {unexpected}")
+                             f"missing keys {missing}, unexpected keys {unexpected}")
         staged = []
         for key, (dest, _, _) in slots.items():
             if key not in state_dict:
