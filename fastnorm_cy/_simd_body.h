@@ -53,15 +53,28 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
     *m2 = q;
 }
 
-/* s = sum(dy), t = sum(dy * (x - m)) over n contiguous values, float64 accumulation
- * (rows_dot, rows_bwd_grouped; GCC's reduction here measured faster than explicit vectors) */
+/* s = sum(dy), t = sum(dy * (x - m)) over n contiguous values, float64 accumulation in two
+ * independent vector accumulators per sum (rows_dot, rows_bwd_grouped) */
 FN_INLINE void FN_NAME(fn_dot_centered)(const FN_T *dy, const FN_T *x, ptrdiff_t n, double m,
                                         double *s, double *t)
 {
     double a = 0.0, b = 0.0;
-    ptrdiff_t i;
-#pragma omp simd reduction(+:a, b)
-    for (i = 0; i < n; i++) {
+    ptrdiff_t i = 0;
+#if FN_VEC
+    FN_VD a0 = FN_SPLAT(0), a1 = a0, b0 = a0, b1 = a0, mv = FN_SPLAT(m);
+    for (; i + 2 * FN_LD <= n; i += 2 * FN_LD) {
+        const FN_VD g0 = FN_LD8(dy + i), g1 = FN_LD8(dy + i + FN_LD);
+        a0 += g0;
+        a1 += g1;
+        b0 += g0 * (FN_LD8(x + i) - mv);
+        b1 += g1 * (FN_LD8(x + i + FN_LD) - mv);
+    }
+    a0 += a1;
+    b0 += b1;
+    a = FN_HSUM(double, FN_LD, a0);
+    b = FN_HSUM(double, FN_LD, b0);
+#endif
+    for (; i < n; i++) {
         const double d = (double)dy[i];
         a += d;
         b += d * ((double)x[i] - m);
