@@ -386,6 +386,22 @@ def test_simd_select_switches_and_checks_its_argument():
 
 
 @needs_cy
+def test_bench_simd_script_runs(capsys):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_simd.py")
+    spec = importlib.util.spec_from_file_location("bench_simd", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = cy.info()["simd_clone"]
+    mod.main(["--rounds", "1", "--kernels", "rows_dot,channels_moments"])
+    out = capsys.readouterr().out
+    assert "| rows_dot |" in out and "| channels_moments |" in out
+    assert cy.info()["simd_clone"] == before   # the body chosen at import is restored
+    with pytest.raises(SystemExit, match="unknown"):
+        mod.main(["--kernels", "rows_nothing"])
+
+
+@needs_cy
 def test_info_command_names_the_simd_clone_and_threading_layer():
     out = subprocess.run([sys.executable, "-m", "fastnorm", "info"], capture_output=True,
                          text=True, check=True, cwd=SAME_FASTNORM).stdout
