@@ -24,7 +24,8 @@
  * beta` with the mean kept inside (the folded form cancels). No `restrict` on data: y may be
  * x (in-place forward).
  *
- * The body is in _simd_body.h, included once for float (suffix _f32) and once for double.
+ * The body is in _simd_body.h, included (by _simd_isa.h) once for float (suffix _f32) and
+ * once for double, per instruction set (suffixes _v4, _v3, _v1; see the bottom of this file).
  */
 #ifndef FASTNORM_SIMD_H
 #define FASTNORM_SIMD_H
