@@ -5,6 +5,9 @@ One ``cythonize()`` over ``fastnorm_cy/*.pyx`` with the directives set once here
 If the C build fails (no compiler, no OpenMP), the extension is built again without OpenMP
 (serial kernels); if that fails too, the install goes on without it and fastnorm runs on
 its Numba backend. ``FASTNORM_REQUIRE_CYTHON=1`` (CI) makes a failed build an error.
+``FASTNORM_SANITIZE=address`` builds with AddressSanitizer (``-fsanitize=address
+-fno-omit-frame-pointer -g``, same optimization); such an extension only loads with libasan
+preloaded (README, Reliability: build it into a separate directory with ``build_ext -b``).
 """
 import os
 import platform
@@ -17,6 +20,9 @@ from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("FASTNORM_CYTHON_DEBUG", "") == "1"
 REQUIRE = os.environ.get("FASTNORM_REQUIRE_CYTHON", "") == "1"
+SANITIZE = os.environ.get("FASTNORM_SANITIZE", "")
+if SANITIZE not in ("", "address"):
+    raise SystemExit(f"FASTNORM_SANITIZE must be 'address' or unset, got {SANITIZE!r}")
 
 CHECKS = dict(boundscheck=DEBUG, wraparound=DEBUG, initializedcheck=DEBUG)
 DIRECTIVES = dict(language_level=3, cdivision=True, **CHECKS)
@@ -35,6 +41,9 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     # GCC's x86-64-v4 clone prefers 256-bit vectors; the kernels are streaming loops that
     # gain from full 512-bit ones (the flag only acts on the AVX-512 clone)
     FLAGS["unix"][0].append("-mprefer-vector-width=512")
+if SANITIZE:
+    FLAGS["unix"][0].extend([f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g"])
+    FLAGS["unix"][1].append(f"-fsanitize={SANITIZE}")
 OPENMP = {"-fopenmp", "/openmp"}
 
 

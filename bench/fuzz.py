@@ -876,6 +876,11 @@ def run_case(case):
             os.kill(os.getpid(), signal.SIGSEGV)
         if inject == "hang":
             time.sleep(3600)
+        if inject == "oob":   # read 32 bytes of a 16-byte heap block: ASan must report it
+            import ctypes
+            libc = ctypes.CDLL(None)
+            libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+            ctypes.string_at(libc.malloc(16), 32)
         try:
             if inject == "unnamed":
                 raise ValueError("something is wrong")
@@ -1097,8 +1102,10 @@ class Pool:
         else:
             how = f"signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exit {rc}"
             v = dict(verdict="crash", detail=f"worker died: {how}", log=tail)
-        if "AddressSanitizer" in tail:
-            v["asan"] = tail[tail.index("=="):] if "==" in tail else tail
+        full = self._tail(p, 10**7)
+        if "ERROR: AddressSanitizer" in full:
+            at = full.index("ERROR: AddressSanitizer")
+            v["asan"] = full[max(0, at - 40):at + 6000]
         self.results.append((case, v))
         p.log.close()
         self.procs[i] = None
@@ -1211,6 +1218,8 @@ def main(argv=None):
     ap.add_argument("--asan-ext", default=None,
                     help="fastnorm_cy._kernels built with FASTNORM_SANITIZE=address")
     ap.add_argument("--preload", default=None, help="LD_PRELOAD of the workers (libasan)")
+    ap.add_argument("--asan-selftest", action="store_true",
+                    help="first check that a heap overflow in a worker is reported")
     ap.add_argument("--json", default=None, help="write the verdict counts and findings")
     ap.add_argument("--replay", default=None, help="one case (JSON) in this process")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -1246,6 +1255,18 @@ def main(argv=None):
     print(f"fastnorm fuzz: {args.cases} cases, seed {args.seed}, backends {backends}, "
           f"{args.workers} worker(s); cython extension: {info.get('cython_extension')}"
           + (f"; LD_PRELOAD={args.preload}" if args.preload else ""), flush=True)
+    if args.asan_selftest:
+        v = pool.run(dict(DEFAULTS, op="layer_norm", backend=backends[0], seed=0, threads=1,
+                          shape=[2, 3], dtype="float64", layout="C", layout_axis=0,
+                          kind="normal", offset=0.0, scale=1.0, specials=[], weight=None,
+                          inject="oob"))
+        ok = v["verdict"] == "crash" and "heap-buffer-overflow" in v.get("asan", "")
+        print(f"ASan self-test (a 16-byte heap block read as 32 bytes): "
+              f"{'reported' if ok else 'NOT REPORTED: ' + json.dumps(v)[:500]}", flush=True)
+        pool.results.clear()
+        pool.restarts = 0   # the self-test's own restart
+        if not ok:
+            return 2
     t0 = time.monotonic()
     last = [t0]
 
