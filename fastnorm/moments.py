@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _dispatch
+from . import _checks, _dispatch
 from . import _geometry as geo
 
 _F64 = np.float64
@@ -162,27 +162,6 @@ def _tree(parts):
 
 # ------------------------------------------------------------------ moments of an array
 
-def _axes(axis, ndim):
-    if axis is None:
-        return tuple(range(ndim))
-    if isinstance(axis, numbers.Integral):
-        axis = (axis,)
-    try:
-        axes = tuple(axis)
-    except TypeError:
-        raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}") from None
-    out = []
-    for a in axes:
-        if not isinstance(a, numbers.Integral):
-            raise TypeError(f"axis entries must be integers, got {axis!r}")
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis entries must be integers in [{-ndim}, {ndim}), got {axis!r}")
-        out.append(int(a) % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"axis has repeated entries: {axis!r}")
-    return tuple(sorted(out))
-
-
 def _data(x):
     """float32/float64 C-native array: float16 -> float32, integers/bool -> float64."""
     if not isinstance(x, np.ndarray):
@@ -286,7 +265,7 @@ def moments(x, axis=None, *, keepdims=False, backend=None):
     True
     """
     x = _data(x)
-    red = _axes(axis, x.ndim)
+    red = _checks.reduction_axes(axis, x.ndim)
     backend = _dispatch.resolve(backend)
     kept = [i for i in range(x.ndim) if i not in red]
     out_shape = tuple(1 if i in red else x.shape[i] for i in range(x.ndim)) if keepdims \

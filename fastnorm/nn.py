@@ -16,8 +16,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import _checks, api
 from . import autograd as ag
-from .api import _as_shape
 from .autograd import Tensor, no_grad
 
 __all__ = ["Parameter", "Module", "Sequential", "Linear", "CosineLinear", "ReLU", "Sigmoid",
@@ -571,7 +571,7 @@ class _BatchNorm(_NormBase):
         update = self.training and self.track_running_stats
         # torch: momentum=None is the cumulative average 1/num_batches_tracked, counted
         # (by the functional form, in place) on every training call.
-        return ag.batch_norm(
+        return api.batch_norm(
             x, self.running_mean if not self.training or update else None,
             self.running_var if not self.training or update else None,
             self.weight, self.bias, use_batch, self.momentum, self.eps, axis=self.axis,
@@ -654,7 +654,7 @@ class _InstanceNorm(_NormBase):
         # torch: batch statistics unless eval mode with tracked stats; momentum None is 0
         # (frozen running stats) and num_batches_tracked is never counted.
         use_input = self.training or not self.track_running_stats
-        y = ag.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+        y = api.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              use_input, 0.0 if self.momentum is None else self.momentum,
                              self.eps, axis=ax)
         return y.reshape(y.shape[1:]) if unbatched else y
@@ -688,7 +688,7 @@ class InstanceNorm3d(_InstanceNorm):
 
 
 def _norm_shape(normalized_shape):
-    ns = _as_shape(normalized_shape)
+    ns = _checks.normalized_shape(normalized_shape)
     if not ns or min(ns) < 1:
         raise ValueError(f"normalized_shape must be non-empty and positive, got {ns}")
     return ns
@@ -734,7 +734,7 @@ class LayerNorm(Module):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        return ag.layer_norm(_as_tensor(x), self.normalized_shape, self.weight, self.bias,
+        return api.layer_norm(_as_tensor(x), self.normalized_shape, self.weight, self.bias,
                              self.eps)
 
     def extra_repr(self):
@@ -777,7 +777,7 @@ class GroupNorm(Module):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        return ag.group_norm(_as_tensor(x), self.num_groups, self.weight, self.bias, self.eps,
+        return api.group_norm(_as_tensor(x), self.num_groups, self.weight, self.bias, self.eps,
                              axis=self.axis)
 
     def extra_repr(self):
@@ -808,7 +808,7 @@ class RMSNorm(Module):
             self.register_parameter("weight", None)
 
     def forward(self, x):
-        return ag.rms_norm(_as_tensor(x), self.normalized_shape, self.weight, self.eps)
+        return api.rms_norm(_as_tensor(x), self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, "
