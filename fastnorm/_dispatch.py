@@ -199,6 +199,19 @@ def select(backend, *arrays):
     return name, _ARRAYS[name]
 
 
+def handler(*args):
+    """The ``__fastnorm_function__(func, arguments)`` of the first argument whose type
+    defines one, else None (``arguments``: the call's arguments by name). A type takes over
+    fastnorm's functions this way, as NumPy's ``__array_function__`` (NEP 18) lets it take
+    over NumPy's: ``fastnorm.Tensor`` records the call on the tape; no fastnorm module
+    imports such a type."""
+    for a in args:
+        h = getattr(type(a), "__fastnorm_function__", None)
+        if h is not None:
+            return h
+    return None
+
+
 def failed():
     """{backend: why it did not load} for the backends tried so far."""
     return dict(_FAILED)

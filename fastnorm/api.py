@@ -9,17 +9,7 @@ NumPy function: this module imports no such type.
 """
 import numpy as np
 
-from . import _norms
-
-
-def _handler(*args):
-    """The ``__fastnorm_function__(func, arguments)`` of the first argument whose type
-    defines one, else None. ``arguments`` are the call's arguments by name."""
-    for a in args:
-        h = getattr(type(a), "__fastnorm_function__", None)
-        if h is not None:
-            return h
-    return None
+from . import _dispatch, _norms
 
 
 # ---------------------------------------------------------------------------- batch norm
@@ -66,7 +56,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                                axis, out, return_stats, backend)
     if y is not None:
         return y
-    h = _handler(input, weight, bias, running_mean, running_var, out, num_batches_tracked)
+    h = _dispatch.handler(input, weight, bias, running_mean, running_var, out, num_batches_tracked)
     if h is not None:
         return h(batch_norm, dict(
             input=input, running_mean=running_mean, running_var=running_var, weight=weight,
@@ -97,7 +87,7 @@ def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True,
     (True, array([16., 16., 16.]))
     """
 
-    h = _handler(grad_out, input, mean, rstd, weight)
+    h = _dispatch.handler(grad_out, input, mean, rstd, weight)
     if h is not None:
         return h(batch_norm_backward, dict(
             grad_out=grad_out, input=input, mean=mean, rstd=rstd, weight=weight,
@@ -128,7 +118,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     (True, True)
     """
 
-    h = _handler(input, weight, bias, running_mean, running_var, out, num_batches_tracked)
+    h = _dispatch.handler(input, weight, bias, running_mean, running_var, out, num_batches_tracked)
     if h is not None:
         return h(instance_norm, dict(
             input=input, running_mean=running_mean, running_var=running_var, weight=weight,
@@ -158,7 +148,7 @@ def instance_norm_backward(grad_out, input, mean, rstd, weight=None, use_input_s
     True
     """
 
-    h = _handler(grad_out, input, mean, rstd, weight)
+    h = _dispatch.handler(grad_out, input, mean, rstd, weight)
     if h is not None:
         return h(instance_norm_backward, dict(
             grad_out=grad_out, input=input, mean=mean, rstd=rstd, weight=weight,
@@ -184,7 +174,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     ((2, 4), True)
     """
 
-    h = _handler(input, weight, bias, out)
+    h = _dispatch.handler(input, weight, bias, out)
     if h is not None:
         return h(group_norm, dict(input=input, num_groups=num_groups, weight=weight, bias=bias,
                                   eps=eps, axis=axis, out=out, return_stats=return_stats,
@@ -207,7 +197,7 @@ def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups,
     ((2, 4, 6), None, (4,))
     """
 
-    h = _handler(grad_out, input, mean, rstd, weight)
+    h = _dispatch.handler(grad_out, input, mean, rstd, weight)
     if h is not None:
         return h(group_norm_backward, dict(
             grad_out=grad_out, input=input, mean=mean, rstd=rstd, weight=weight,
@@ -238,7 +228,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
                          backend)
     if y is not None:
         return y
-    h = _handler(input, weight, bias, out)
+    h = _dispatch.handler(input, weight, bias, out)
     if h is not None:
         return h(layer_norm, dict(input=input, normalized_shape=normalized_shape, weight=weight,
                                   bias=bias, eps=eps, out=out, return_stats=return_stats,
@@ -263,7 +253,7 @@ def layer_norm_backward(grad_out, input, mean, rstd, weight=None, *, normalized_
     (True, array([3., 3., 3., 3., 3.]))
     """
 
-    h = _handler(grad_out, input, mean, rstd, weight)
+    h = _dispatch.handler(grad_out, input, mean, rstd, weight)
     if h is not None:
         return h(layer_norm_backward, dict(
             grad_out=grad_out, input=input, mean=mean, rstd=rstd, weight=weight,
@@ -293,7 +283,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, return
                          backend)
     if y is not None:
         return y
-    h = _handler(input, weight, out)
+    h = _dispatch.handler(input, weight, out)
     if h is not None:
         return h(rms_norm, dict(input=input, normalized_shape=normalized_shape, weight=weight,
                                 eps=eps, out=out, return_stats=return_stats, backend=backend))
@@ -315,7 +305,7 @@ def rms_norm_backward(grad_out, input, rstd, weight=None, *, normalized_shape=No
     ((3, 4), (4,))
     """
 
-    h = _handler(grad_out, input, rstd, weight)
+    h = _dispatch.handler(grad_out, input, rstd, weight)
     if h is not None:
         return h(rms_norm_backward, dict(grad_out=grad_out, input=input, rstd=rstd,
                                          weight=weight, normalized_shape=normalized_shape,
