@@ -21,6 +21,10 @@ F32 = np.dtype(np.float32)
 class Host:
     """NumPy arrays in this process's memory."""
 
+    def open(self, input, name="input", min_ndim=1):
+        """Start a call on ``input``: (the checked input, the adapter for this call)."""
+        return self.input(input, name, min_ndim), self
+
     def native(self, x):
         """Whether the bodies run on this adapter's arrays as they are (always, on the host)."""
         return True

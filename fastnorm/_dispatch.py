@@ -124,8 +124,12 @@ def _load(backend):
             try:
                 mod = importlib.import_module(_MODULES[backend])
                 kernels = mod.KERNELS
-            except ImportError as e:  # not built / not installed / no device
+            except ImportError as e:  # not built / not installed
                 _FAILED[backend] = str(e)
+                return False
+            why = getattr(mod, "unavailable", lambda: None)()
+            if why:                   # installed, but e.g. no device to run on
+                _FAILED[backend] = why
                 return False
             _MODS[backend] = mod
         else:

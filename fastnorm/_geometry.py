@@ -41,7 +41,8 @@ class Layout:
         return self.perm.index(axis)
 
 
-def _candidates(ndim, axis):
+def candidates(ndim, axis):
+    """The memory orders a view can use: natural, channel axis last, channel axis second."""
     ident = tuple(range(ndim))
     last = tuple(i for i in ident if i != axis) + (axis,)
     first = (0, axis) + tuple(i for i in ident[1:] if i != axis) if axis else ident
@@ -57,7 +58,7 @@ def layout(x, axis=None, batch_outer=False):
     next to it or innermost.
     """
     ndim = x.ndim
-    perms = _candidates(ndim, 0 if axis is None else axis)
+    perms = candidates(ndim, 0 if axis is None else axis)
     if axis is None:
         perms = perms[:1]
     for perm in perms:

@@ -166,7 +166,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics of every rank between the statistics and coefficient phases."""
     backend, xp = _dispatch.select(backend, input, weight, bias, running_mean, running_var,
                                    out)
-    x = xp.input(input, "input", 2)
+    x, xp = xp.open(input, "input", 2)
     if not xp.native(x):
         return xp.via_host(batch_norm, dict(
             input=x, running_mean=running_mean, running_var=running_var, weight=weight,
@@ -221,7 +221,7 @@ def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True,
     """The body of :func:`fastnorm.batch_norm_backward`; ``collective`` (SyncBatchNorm)
     adds every rank's sums between the reduction and coefficient phases."""
     backend, xp = _dispatch.select(backend, grad_out, input, mean, rstd, weight)
-    x = xp.input(input, "input", 2)
+    x, xp = xp.open(input, "input", 2)
     if not xp.native(x):
         return xp.via_host(batch_norm_backward, dict(
             grad_out=grad_out, input=x, mean=mean, rstd=rstd, weight=weight,
@@ -283,7 +283,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     """The body of :func:`fastnorm.instance_norm`."""
     backend, xp = _dispatch.select(backend, input, weight, bias, running_mean, running_var,
                                    out)
-    x = xp.input(input, "input", 2)
+    x, xp = xp.open(input, "input", 2)
     if not xp.native(x):
         return xp.via_host(instance_norm, dict(
             input=x, running_mean=running_mean, running_var=running_var, weight=weight,
@@ -337,7 +337,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
                return_stats=False, backend=None):
     """The body of :func:`fastnorm.group_norm`."""
     backend, xp = _dispatch.select(backend, input, weight, bias, out)
-    x = xp.input(input, "input", 2)
+    x, xp = xp.open(input, "input", 2)
     if not xp.native(x):
         return xp.via_host(group_norm, dict(
             input=x, num_groups=num_groups, weight=weight, bias=bias, eps=eps, axis=axis,
@@ -374,7 +374,7 @@ def nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, gr
     """The body of :func:`fastnorm.instance_norm_backward` (groups=None) and
     :func:`fastnorm.group_norm_backward` (groups=G); mean/rstd (N, C) or (N, G)."""
     backend, xp = _dispatch.select(backend, grad_out, input, mean, rstd, weight)
-    x = xp.input(input, "input", 2)
+    x, xp = xp.open(input, "input", 2)
     if not xp.native(x):
         return xp.via_host(nc_backward, dict(
             grad_out=grad_out, input=x, mean=mean, rstd=rstd, weight=weight, axis=axis,
@@ -416,7 +416,7 @@ def nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, gr
 def rows_forward(input, normalized_shape, weight, bias, eps, rms, out, return_stats, backend):
     """The body of :func:`fastnorm.layer_norm` (rms=False) and :func:`fastnorm.rms_norm`."""
     backend, xp = _dispatch.select(backend, input, weight, bias, out)
-    x = xp.input(input, "input", 1)
+    x, xp = xp.open(input, "input", 1)
     if not xp.native(x):
         return xp.via_host(rows_forward, dict(
             input=x, normalized_shape=normalized_shape, weight=weight, bias=bias, eps=eps,
@@ -448,7 +448,7 @@ def rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, rms, ha
                   backend):
     """The body of :func:`fastnorm.layer_norm_backward` and :func:`fastnorm.rms_norm_backward`."""
     backend, xp = _dispatch.select(backend, grad_out, input, mean, rstd, weight)
-    x = xp.input(input, "input", 1)
+    x, xp = xp.open(input, "input", 1)
     if not xp.native(x):
         return xp.via_host(rows_backward, dict(
             grad_out=grad_out, input=x, mean=mean, rstd=rstd, weight=weight,
