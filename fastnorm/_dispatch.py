@@ -81,19 +81,18 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _composed_channels_eval(scale_shift):
-    """channels_eval from a backend's channels_scale_shift (coefficients in NumPy)."""
+def _composed_channels_eval(scale_shift, finalize=reference.finalize, arrays=_arrays.HOST):
+    """channels_eval from a backend's channels_scale_shift and finalize kernels."""
     def channels_eval(x, mean, var, weight, bias, eps, y):
         # IN x (..., C) C-contiguous, mean/var/weight/bias (C,) (weight/bias may be None)
         # OUT y (x's shape) = (x - mean) * (rstd * weight) + bias, rstd = 1/sqrt(var + eps)
-        C = x.shape[-1]
+        C = x.shape[x.ndim - 1]
         Q = x.size // C if C else 0
-        alpha = 1.0 / np.sqrt(var.astype(np.float64) + eps)
-        if weight is not None:
-            alpha = alpha * weight
-        beta = np.zeros(C) if bias is None else bias.astype(np.float64)
-        scale_shift(x.reshape(1, Q, C), mean.astype(np.float64).reshape(1, C),
-                    alpha.reshape(1, C), beta.reshape(1, C), y.reshape(1, Q, C))
+        coefs = [arrays.empty((1, C)) for _ in range(5)]
+        finalize(arrays.vector(mean, "mean", (C,)).reshape(1, C),
+                 arrays.vector(var, "var", (C,)).reshape(1, C), 1.0, eps, False, weight, bias,
+                 1, *coefs)
+        scale_shift(x.reshape(1, Q, C), *coefs[:3], y.reshape(1, Q, C))
     return channels_eval
 
 
@@ -153,10 +152,11 @@ def register(backend, kernels, phases=None, arrays=None):
     twins = {name: (getattr(reference, name),) * 2 for name in reference.PHASES}
     for name, fns in {**twins, **(phases or {}), **kernels}.items():
         _TABLE[(name, backend)] = fns
+    _ARRAYS[backend] = arrays = arrays or _arrays.HOST
     for name, (base, compose) in FUSED.items():
         if name not in kernels:
-            _TABLE[(name, backend)] = tuple(compose(k) for k in kernels[base])
-    _ARRAYS[backend] = arrays or _arrays.HOST
+            fin = _TABLE[(reference.FINALIZE, backend)][0]
+            _TABLE[(name, backend)] = tuple(compose(k, fin, arrays) for k in kernels[base])
     _LOADED.add(backend)
 
 
@@ -234,6 +234,21 @@ def forked():
 def table_entries():
     """The table's keys, ``(kernel, backend)``, of the backends loaded so far."""
     return sorted(_TABLE)
+
+
+_TWINS = {}
+
+
+def twin(name):
+    """The NumPy twin of kernel ``name``: the function every backend's entry is held to
+    (``reference.<name>``, or for a fused kernel its composition from the twins)."""
+    if name not in _TWINS:
+        if name in FUSED:
+            base, compose = FUSED[name]
+            _TWINS[name] = compose(getattr(reference, base))
+        else:
+            _TWINS[name] = getattr(reference, name)
+    return _TWINS[name]
 
 
 def entry(name, backend):
