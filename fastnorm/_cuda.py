@@ -1,28 +1,20 @@
-"""numba-CUDA backend: the same kernels and the same public functions, on NVIDIA GPUs.
+"""numba-CUDA backend: the kernels of the dispatch table on NVIDIA GPUs, and the adapter
+for device arrays; the norm bodies (``fastnorm._norms``) run on them as on the CPU.
 
-Imported only when used: by ``fastnorm.api`` for arguments with ``__cuda_array_interface__``
-(numba device arrays, CuPy, ...) or when the backend resolves to "cuda", and by
-``fastnorm._dispatch`` for ``KERNELS``. Needs ``numba-cuda`` (``pip install fastnorm[cuda]``).
+Loaded by ``fastnorm._dispatch`` when a call has an argument with ``__cuda_array_interface__``
+(numba device arrays, CuPy, ...) or selects ``backend="cuda"`` (host arrays are then copied
+over and back). Needs ``numba-cuda`` (``pip install fastnorm[cuda]``).
 
-Kernels (names and argument order of ``fastnorm.reference``, on device arrays):
+- rows kernels: a block per row, grid-stride over rows; each thread keeps a Welford partial
+  of elements ``t, t + blockDim, ...``, merged with Chan's formula in a fixed tree (within
+  each warp, then across warps), so results do not depend on timing.
+- channels kernels (x is (P, Q, C)): thread (p, k, c) reduces chunk k of q; a second launch
+  merges the K partials of each (p, c) in index order. No float atomics: deterministic.
+- apply and phase kernels: elementwise or per unit, grid-stride.
 
-- rows: a block per row, grid-stride over rows. Each thread keeps a Welford partial of the
-  elements ``t, t + blockDim, ...``; the partials are merged with Chan's formula in a fixed tree
-  order (within each warp, then across warps), so results do not depend on timing.
-- channels (x is (P, Q, C)): two stages. Thread (p, k, c) reduces chunk k of q into a partial;
-  a second launch merges the K partials of each (p, c) in index order. No float atomics, so
-  every result is deterministic. K depends on the shape only.
-- apply kernels (scale_shift, bwd_apply): elementwise, grid-stride.
-
-One source, two targets: ``USE_SHUFFLE`` (the one flag) selects warp shuffles on a real GPU or,
-under the simulator (``NUMBA_ENABLE_CUDASIM=1``, which has no shuffles), the same exchange
-through shared memory. The simulator also gets small warps (4) and blocks (8 threads) so the
-warp tree and the cross-warp merge are both exercised on tiny test shapes.
-
-The public functions take numba device arrays, objects with ``__cuda_array_interface__`` or,
-with the cuda backend selected, host arrays (copied over and back). Device inputs give device
-outputs; running statistics given as device arrays are updated in place on the device.
-float16 and empty inputs take one round trip through the host (NumPy path).
+``USE_SHUFFLE`` selects warp shuffles on a GPU or, under the simulator
+(``NUMBA_ENABLE_CUDASIM=1``, which has none), the same exchange through shared memory, with
+small warps (4) and blocks (8 threads) so every level of the tree runs on tiny test shapes.
 """
 import math
 
@@ -39,7 +31,7 @@ import numpy as np
 from . import _checks
 from . import _geometry as geo
 from . import reference
-from ._arrays import HOST
+from ._arrays import F64, HOST, Host
 
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
 USE_SHUFFLE = not SIMULATOR          # warp shuffles on a GPU, shared memory in the simulator
@@ -691,14 +683,6 @@ def unavailable():
             "runs the simulator)")
 
 
-def set_num_threads(n):
-    """The GPU has no thread count to set (the dispatcher's hook for compiled backends)."""
-
-
-def get_num_threads():
-    return 1
-
-
 def info():
     """What ``python -m fastnorm info`` prints for this backend."""
     d = {"numba-cuda": numba_cuda.__version__, "simulator": SIMULATOR,
@@ -755,27 +739,28 @@ def _dev_layout(x, axis, batch_outer):
         if _fits(x.shape, x.strides, x.dtype.itemsize, perm) and (
                 not batch_outer or (perm[0] == 0 and perm.index(axis) in (1, ndim - 1))):
             return _permute(x, perm), geo.Layout(x.shape, perm)
-    perm = perms[0]
-    if batch_outer and axis not in (1, ndim - 1):
-        perm = perms[2]
+    perm = perms[2] if batch_outer and axis not in (1, ndim - 1) else perms[0]
     lay = geo.Layout(x.shape, perm)
-    xm = cuda.device_array([x.shape[i] for i in perm], x.dtype)
-    _permute(xm, lay.inv)[...] = x      # one strided device copy
-    return xm, lay
+    return _in_order(x, lay), lay
 
 
-_F64 = np.dtype(np.float64)
+def _in_order(d, lay):
+    """Device array ``d`` (x's shape) in the memory order of ``lay``: a view if it fits,
+    else one strided device copy."""
+    if _fits(d.shape, d.strides, d.dtype.itemsize, lay.perm):
+        return _permute(d, lay.perm)
+    dm = cuda.device_array([d.shape[i] for i in lay.perm], d.dtype)
+    _permute(dm, lay.inv)[...] = d
+    return dm
 
 
-class Device:
+class Device(Host):
     """The array adapter of the cuda backend (``_dispatch`` registers it as ``ARRAYS``):
     numba device arrays, or anything with ``__cuda_array_interface__`` (CuPy, ...), and
     host ndarrays, copied over and their results copied back. Device arrays are kept in
     memory order (x.transpose(perm) C-contiguous, see ``_geometry.Layout``), so a view of
-    one is a reshape; :meth:`finish` returns them in the caller's axis order.
-
-    :meth:`open` starts a call and returns the adapter for it (it records whether the input
-    came from the host, so results go back there).
+    one is a reshape; :meth:`finish` returns them in the caller's axis order. :meth:`open`
+    returns the adapter of one call, which knows whether results go back to the host.
     """
 
     def __init__(self, host=False, shape=None):
@@ -793,9 +778,6 @@ class Device:
     def native(self, x):
         """float16 and empty inputs take one round trip through the host (NumPy path)."""
         return x.size != 0 and np.dtype(x.dtype) != np.float16
-
-    def compute_dtype(self, x):
-        return np.dtype(x.dtype)
 
     def plan(self, x, axis=None, batch_outer=False):
         """(x in memory order on the device, Layout)."""
@@ -815,11 +797,7 @@ class Device:
             _checks.same_shape(a, self.shape, name)
             if np.dtype(a.dtype) != T:
                 raise TypeError(f"{name} must have the input's dtype {T}, got {a.dtype}")
-            if _fits(a.shape, a.strides, a.dtype.itemsize, lay.perm):
-                return _permute(a, lay.perm)
-            am = cuda.device_array([self.shape[i] for i in lay.perm], T)
-            _permute(am, lay.inv)[...] = a
-            return am
+            return _in_order(a, lay)
         a = HOST.input(a, name)
         _checks.same_shape(a, self.shape, name)
         return cuda.to_device(np.ascontiguousarray(a.astype(T, copy=False).transpose(lay.perm)))
@@ -855,16 +833,16 @@ class Device:
             return y.copy_to_host().transpose(lay.inv)
         return _permute(y, lay.inv)
 
-    def empty(self, shape, dtype=_F64):
+    def empty(self, shape, dtype=F64):
         return cuda.device_array(shape, dtype)
 
-    def full(self, shape, value, dtype=_F64):
+    def full(self, shape, value, dtype=F64):
         return cuda.to_device(np.full(shape, value, dtype))
 
-    def zeros(self, shape, dtype=_F64):
+    def zeros(self, shape, dtype=F64):
         return self.full(shape, 0.0, dtype)
 
-    def vector(self, a, name, shape, dtype=_F64):
+    def vector(self, a, name, shape, dtype=F64):
         """weight/bias/statistics on the device: None, or a float array of exactly
         ``shape`` (device arrays keep their dtype: the kernels convert on load)."""
         if a is None:
@@ -877,9 +855,6 @@ class Device:
                 d = c
             return d
         return cuda.to_device(HOST.vector(a, name, shape, dtype))
-
-    def statistics(self, a, name, shape, dtype=_F64):
-        return self.vector(_checks.statistics(a, name, shape), name, shape, dtype)
 
     def inout(self, a):
         if not _is_dev(a):

@@ -28,8 +28,6 @@ import os
 import threading
 import warnings
 
-import numpy as np
-
 from . import _arrays, _checks, reference
 
 BACKENDS = ("cython", "numba", "numpy")          # preference order, fastest first
@@ -74,7 +72,7 @@ def _env_backend():
 
 def _after_fork_in_child():
     # OpenMP runtimes (numba's omp layer, GNU libgomp) do not survive fork(): a child must
-    # stay on serial kernels (DESIGN.md §4). tests/test_cython.py forks after parallel calls.
+    # stay on serial kernels (ARCHITECTURE.md §3). tests/test_cython.py forks after parallel calls.
     _forked[0] = True
 
 
@@ -327,9 +325,9 @@ def kernel(name, backend, work):
     """The function to call for kernel ``name`` on ``backend`` for ``work`` elements."""
     serial, parallel = _TABLE[(name, backend)]
     n = _num_threads[0]
-    if work < PARALLEL_MIN or n == 1 or _forked[0]:
+    if work < PARALLEL_MIN or n == 1 or _forked[0] or serial is parallel:
         return serial
-    mod = _MODS.get(backend)  # compiled backends keep their own (per-thread) count
+    mod = _MODS.get(backend)  # compiled CPU backends keep their own (per-thread) count
     if mod is not None and mod.get_num_threads() != n:
         mod.set_num_threads(n)
     return parallel

@@ -11,6 +11,10 @@ import numpy as np
 
 from . import _dispatch, _norms
 
+__all__ = ["batch_norm", "batch_norm_backward", "instance_norm", "instance_norm_backward",
+           "group_norm", "group_norm_backward", "layer_norm", "layer_norm_backward",
+           "rms_norm", "rms_norm_backward"]
+
 
 # ---------------------------------------------------------------------------- batch norm
 

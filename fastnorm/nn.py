@@ -738,8 +738,8 @@ class _InstanceNorm(_NormBase):
         # (frozen running stats) and num_batches_tracked is never counted.
         use_input = self.training or not self.track_running_stats
         y = api.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             use_input, 0.0 if self.momentum is None else self.momentum,
-                             self.eps, axis=ax)
+                              use_input, 0.0 if self.momentum is None else self.momentum,
+                              self.eps, axis=ax)
         return y.reshape(y.shape[1:]) if unbatched else y
 
 
@@ -818,7 +818,7 @@ class LayerNorm(Module):
 
     def forward(self, x):
         return api.layer_norm(_as_tensor(x), self.normalized_shape, self.weight, self.bias,
-                             self.eps)
+                              self.eps)
 
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, "
@@ -861,7 +861,7 @@ class GroupNorm(Module):
 
     def forward(self, x):
         return api.group_norm(_as_tensor(x), self.num_groups, self.weight, self.bias, self.eps,
-                             axis=self.axis)
+                              axis=self.axis)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

@@ -38,7 +38,7 @@ def hostile(rng, shape, dtype, offset=0.0, layout="contiguous", axis=1):
 
     layouts: contiguous; channels_last (``axis`` innermost in memory, same logical shape);
     strided (every other element of a larger array along the last axis); transposed (F order).
-    A large ``offset`` tests cancellation (DESIGN.md §5).
+    A large ``offset`` tests cancellation (ARCHITECTURE.md §5).
     """
     base = offset + rng.standard_normal(shape)
     if layout == "contiguous":
