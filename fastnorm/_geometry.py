@@ -89,16 +89,3 @@ def instance_geometry(lay, axis):
     S = math.prod(s for i, s in enumerate(lay.shape) if i not in (0, axis))
     kind = "rows" if lay.pos(axis) == 1 else "channels"
     return kind, N, C, S
-
-
-def merge_equal(mean, m2, count, axis):
-    """Chan's merge of groups of equal ``count`` along ``axis``: (mean, m2) of the union.
-
-    Exact form for equal counts: mean = average of means; m2 = sum(m2) + count *
-    sum((mean_i - mean)**2). NumPy's reduction order over an axis is fixed for a shape.
-    """
-    add = np.add.reduce  # = .sum(axis), = .mean(axis) * n, without their Python wrappers
-    mu = add(mean, axis=axis, keepdims=True) / mean.shape[axis]
-    d = mean - mu
-    m2 = add(m2, axis=axis) + count * add(d * d, axis=axis)
-    return mu.squeeze(axis), m2
