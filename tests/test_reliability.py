@@ -134,7 +134,9 @@ def test_backward_none_statistics(which, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ns", ["16", "5", b"5", 5.0, (5.0,), ("5",)])
+@pytest.mark.parametrize("ns", ["16", "5", b"5", 5.0, (5.0,), ("5",), [5.0]],
+                         ids=["str16", "str5", "bytes5", "float", "tuple_float", "tuple_str",
+                              "list_float"])
 def test_normalized_shape_must_be_ints(ns, backend):
     """torch: "argument 'normalized_shape' must be tuple of ints, not str". A string is not
     read digit by digit ("16" was (1, 6); "5" was accepted as 5)."""
@@ -536,3 +538,47 @@ def test_out_sharing_elements_still_rejected(op, backend):
     base = RNG.standard_normal(4 * 6 * 9 + 1)
     x, out = base[:-1].reshape(4, 6, 9), base[1:].reshape(4, 6, 9)
     _raises(ValueError, lambda: call(x, backend, out=out), "out")
+
+
+# --------------------------------------------------------- found by bench/fuzz.py
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_rejects_the_batch_axis(backend):
+    """group/instance norm backward with axis=0, as their forward: a ValueError naming axis
+    (found by fuzzing: an internal NumPy reshape error, or a message about mean/num_groups)."""
+    g = np.ones_like(X)
+    _raises(ValueError, lambda: fn.group_norm_backward(g, X, np.zeros((8, 1)), np.ones((8, 1)),
+                                                       num_groups=1, axis=0, backend=backend),
+            "axis")
+    _raises(ValueError, lambda: fn.instance_norm_backward(g, X, np.zeros((8, 8)),
+                                                          np.ones((8, 8)), axis=0,
+                                                          backend=backend), "axis")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instance_norm_backward_zero_channels(backend):
+    """An input with 0 channels: empty gradients, as its forward gives an empty output
+    (found by fuzzing: ZeroDivisionError in instance_norm_backward)."""
+    x = np.ones((2, 0, 5))
+    assert fn.instance_norm(x, backend=backend).shape == x.shape
+    gx, gw, gb = fn.instance_norm_backward(np.ones_like(x), x, np.zeros((2, 0)),
+                                           np.ones((2, 0)), np.ones(0), backend=backend)
+    assert gx.shape == x.shape and gw.shape == (0,) and gb.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [np.inf, np.nan], ids=["inf", "nan"])
+def test_eval_backward_does_not_read_the_input(bad, backend):
+    """With the running statistics as constants, grad_x = grad_out * weight * rstd: the
+    input does not enter it (torch's eval-mode backward). An Inf or NaN in x made that one
+    element of grad_x NaN (0 * (x - mean)); found by fuzzing."""
+    x = RNG.standard_normal((8, 3, 4))
+    x[0, 0, 0] = bad
+    g, w = RNG.standard_normal(x.shape), RNG.normal(1, 0.2, 3)
+    rstd = RNG.uniform(0.5, 2, 3)
+    want = g * (w * rstd)[None, :, None]
+    gx = fn.batch_norm_backward(g, x, np.zeros(3), rstd, w, False, backend=backend)[0]
+    assert_close(gx, want, np.float64, "batch_norm_backward training=False")
+    gi = fn.instance_norm_backward(g, x, np.zeros((8, 3)), np.broadcast_to(rstd, (8, 3)), w,
+                                   False, backend=backend)[0]
+    assert_close(gi, want, np.float64, "instance_norm_backward use_input_stats=False")
