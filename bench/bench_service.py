@@ -105,6 +105,19 @@ class Server:
             time.sleep(0.2)
         return self.worker_pids()
 
+    def wait_serving(self, pids, limit=60.0):
+        """Until every pid in ``pids`` has answered /health (new connections each time)."""
+        seen, deadline = set(), time.monotonic() + limit
+        while not set(pids) <= seen and time.monotonic() < deadline:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                c.request("GET", "/health")
+                seen.add(json.loads(c.getresponse().read())["pid"])
+                c.close()
+            except OSError:
+                time.sleep(0.1)
+        return set(pids) <= seen
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -179,6 +192,29 @@ def load(port, payloads, expected, n, concurrency, time_limit, at_half=None):
                 p99=float(np.percentile(lat_ms, 99)) if lat else float("nan"))
 
 
+def layer_times(fm, tm, x, repeats=200):
+    """Median ms of each layer of the two models on ``x``, alternating engines per repeat."""
+    import fastnorm as fn
+    import torch
+    names = [type(m).__name__ for m in tm]
+    times = {"fastnorm": [[] for _ in names], "torch": [[] for _ in names]}
+    for _ in range(repeats):
+        with fn.no_grad():
+            h = fn.Tensor(x)
+            for i, layer in enumerate(fm):
+                t0 = time.perf_counter()
+                h = layer(h)
+                times["fastnorm"][i].append(time.perf_counter() - t0)
+        with torch.inference_mode():
+            h = torch.from_numpy(x)
+            for i, layer in enumerate(tm):
+                t0 = time.perf_counter()
+                h = layer(h)
+                times["torch"][i].append(time.perf_counter() - t0)
+    return [(n, statistics.median(times["fastnorm"][i]) * 1e3,
+             statistics.median(times["torch"][i]) * 1e3) for i, n in enumerate(names)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000)
@@ -212,9 +248,15 @@ def main(argv=None):
         torch.set_num_threads(1)
         tm = sa.build_torch(state)
         expected["torch"] = [sa.predict_torch(tm, x) for x in xs]
-        gap = max(float(np.abs(a - b).max()) for a, b in zip(expected["fastnorm"],
-                                                               expected["torch"]))
+        gap = max(float(np.abs(a - b).max())
+                  for a, b in zip(expected["fastnorm"], expected["torch"]))
         print(f"in process: fastnorm and torch models agree to {gap:.2g} (max abs, logits)")
+        rows = layer_times(fm, tm, xs[0])
+        print("in process, one request's batch, median ms per layer (one thread each):")
+        for name, a, b in rows:
+            print(f"  {name:12s} fastnorm {a:7.3f}  torch {b:7.3f}")
+        print(f"  {'total':12s} fastnorm {sum(r[1] for r in rows):7.3f}  torch "
+              f"{sum(r[2] for r in rows):7.3f}")
     print(f"model: {fm.conv_impl}; {args.requests} requests of {args.batch} images, "
           f"concurrency {args.concurrency}, {os.cpu_count()} CPUs, uvicorn on 127.0.0.1")
     log = open(os.path.join(tmp, "server.log"), "w")
@@ -235,6 +277,8 @@ def main(argv=None):
             res = load(srv.port, payloads, expected[engine], args.requests,
                        args.concurrency, args.time_limit, kill_one if kill else None)
             after_pids = srv.wait_workers(w) if kill else srv.worker_pids()
+            if kill:   # the new worker has loaded the model once it answers
+                srv.wait_serving(after_pids)
             after = srv.rss()
             res.update(engine=engine, workers=w, kill=kill, warm_wrong=warm["wrong"],
                        rss_before={str(k): v for k, v in before.items()},

@@ -582,3 +582,15 @@ def test_eval_backward_does_not_read_the_input(bad, backend):
     gi = fn.instance_norm_backward(g, x, np.zeros((8, 3)), np.broadcast_to(rstd, (8, 3)), w,
                                    False, backend=backend)[0]
     assert_close(gi, want, np.float64, "instance_norm_backward use_input_stats=False")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_eps_none_rejected(backend):
+    """eps=None is rms_norm's default (finfo(dtype).eps, as torch); layer_norm took it too
+    and silently used finfo.eps instead of 1e-5 (found by fuzzing). torch: "argument 'eps'
+    must be float, not NoneType"; ours, as batch_norm's: an error naming eps."""
+    x = RNG.standard_normal((4, 5))
+    _raises((TypeError, ValueError), lambda: fn.layer_norm(x, 5, eps=None, backend=backend),
+            "eps")
+    _raises((TypeError, ValueError), lambda: fn.layer_norm(x.astype(np.float32), 5, eps=None,
+                                                           backend=backend), "eps")
