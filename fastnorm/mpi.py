@@ -257,14 +257,24 @@ class SyncBatchNorm:
                                  f"{self.axis}, got shape {x.shape}")
         batch_stats = self.training or self.running_mean is None
         update = self.training and self.running_mean is not None
+        w, b = (self._as_input(p, x) for p in (self.weight, self.bias))
         y, mean, rstd = sync_batch_norm(
             x, self.running_mean if not batch_stats or update else None,
-            self.running_var if not batch_stats or update else None, self.weight, self.bias,
+            self.running_var if not batch_stats or update else None, w, b,
             batch_stats, self.momentum, self.eps, comm=self.comm, axis=self.axis,
             return_stats=True, num_batches_tracked=self.num_batches_tracked if update else None,
             backend=self.backend)
-        self._saved = (x, mean, rstd, batch_stats)
+        self._saved = (x, w, mean, rstd, batch_stats)
         return y
+
+    @staticmethod
+    def _as_input(p, x):
+        """A parameter in the input's dtype (float32 for half input): this object owns its
+        parameters, so it casts them where the functional form would refuse a mix."""
+        dt = getattr(x, "dtype", None)
+        if p is None or dt is None or np.dtype(dt).kind != "f":
+            return p
+        return p.astype(np.float32 if np.dtype(dt) == np.float16 else dt, copy=False)
 
     def backward(self, grad_out):
         """Gradient w.r.t. this rank's input; sets ``grad_weight``/``grad_bias`` (over every
@@ -274,8 +284,8 @@ class SyncBatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
-        x, mean, rstd, batch_stats = self._saved
-        gx, gw, gb = sync_batch_norm_backward(grad_out, x, mean, rstd, self.weight,
+        x, w, mean, rstd, batch_stats = self._saved
+        gx, gw, gb = sync_batch_norm_backward(grad_out, x, mean, rstd, w,
                                               batch_stats, comm=self.comm, axis=self.axis,
                                               has_bias=self.affine, backend=self.backend)
         if self.affine:      # this rank's shares -> the whole batch's, in rank order

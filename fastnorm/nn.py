@@ -498,8 +498,7 @@ def _check_features(num_features, name="num_features"):
 
 
 def _check_eps(eps):
-    if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    _checks.eps(eps)
     return eps
 
 
