@@ -42,6 +42,7 @@ CONVS = {
     "same_even_kernel": ((1, 2, 6, 7), (2, 2, 2, 4), dict(padding="same", dilation=(1, 2))),
     "one_by_one": ((3, 5, 4, 3), (2, 5, 1, 1), dict()),
     "valid_odd": ((1, 1, 5, 11), (2, 1, 5, 3), dict(padding="valid", stride=3)),
+    "one_channel": ((2, 1, 6, 9), (3, 1, 3, 2), dict(padding=1, stride=(1, 2))),  # (K, L) copy
 }
 
 # pooling configurations: (name, our function, torch's name, positional arguments)
