@@ -13,7 +13,12 @@ fast array path with ``return_stats=True``; their backward is the analytic kerne
 
 Element-wise operations broadcast with NumPy's rules; the gradient of a broadcast operand
 is summed back to its shape. Reductions and shapes follow torch's names
-(``sum(dim, keepdim)``, ``transpose(dim0, dim1)``, ``permute``).
+(``sum(dim, keepdim)``, ``max(dim)``, ``transpose(dim0, dim1)``, ``permute``).
+
+The operations of convolutional networks follow ``torch.nn.functional`` on NCHW input:
+``conv2d``, ``max_pool2d``, ``avg_pool2d``, ``adaptive_avg_pool2d``, ``dropout``, with
+``cat``, ``flatten``, indexing (``Tensor.__getitem__``), ``gelu`` and ``silu``; each has an
+analytic backward.
 """
 import builtins
 import collections
@@ -541,21 +546,21 @@ def gelu(input, approximate="none"):
     >>> gelu(Tensor(np.array([-1.0, 0.0, 2.0]))).data.round(4)
     array([-0.1587,  0.    ,  1.9545])
     """
-    x = _array(input)
+    x = np.asarray(_array(input))
     if approximate == "none":
         from ._numba.elementwise import erf
         cdf = 0.5 * (1.0 + erf(x * (1 / math.sqrt(2))).astype(x.dtype, copy=False))
 
-        def dydx():   # Phi(x) + x phi(x)
+        def erf_slope():   # Phi(x) + x phi(x)
             return cdf + x * (np.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)))
-        return _node(x * cdf, (input,), lambda g: (g * dydx(),))
+        return _node(x * cdf, (input,), lambda g: (g * erf_slope(),))
     if approximate == "tanh":
         k, c = math.sqrt(2 / math.pi), 0.044715
         t = np.tanh(k * (x + c * x * x * x))
 
-        def dydx():
+        def tanh_slope():
             return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
-        return _node(0.5 * x * (1 + t), (input,), lambda g: (g * dydx(),))
+        return _node(0.5 * x * (1 + t), (input,), lambda g: (g * tanh_slope(),))
     raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
@@ -715,7 +720,7 @@ def flatten(input, start_dim=0, end_dim=-1):
 
 # ---------------------------------------------------------------------------- dropout
 
-_dropout_rng = [np.random.default_rng()]
+_dropout_rng = np.random.default_rng()
 
 
 def manual_seed(seed):
@@ -730,7 +735,8 @@ def manual_seed(seed):
     >>> bool((a == b).all())
     True
     """
-    _dropout_rng[0] = np.random.default_rng(seed)
+    global _dropout_rng
+    _dropout_rng = np.random.default_rng(seed)
 
 
 def dropout(input, p=0.5, training=True, *, rng=None):
@@ -761,7 +767,7 @@ def dropout(input, p=0.5, training=True, *, rng=None):
     x = _array(input)
     if not training or p == 0:
         return input if isinstance(input, Tensor) else Tensor(x)
-    keep = (rng or _dropout_rng[0]).random(np.shape(x)) >= p
+    keep = (_dropout_rng if rng is None else rng).random(np.shape(x)) >= p
     mask = (keep * (0.0 if p == 1 else 1 / (1 - p))).astype(np.result_type(x, np.float16))
     return _node(x * mask, (input,), lambda g: (g * mask,))
 
