@@ -2,9 +2,9 @@
 
 One ``cythonize()`` over ``fastnorm_cy/*.pyx`` with the directives set once here.
 ``FASTNORM_CYTHON_DEBUG=1`` turns Cython's checks back on and builds with ``-O0 -g``.
-If the C build fails (no compiler, no OpenMP), the extension is built again without OpenMP
-(serial kernels); if that fails too, the install goes on without it and fastnorm runs on
-its Numba backend. ``FASTNORM_REQUIRE_CYTHON=1`` (CI) makes a failed build an error.
+If the C build fails with OpenMP, the extension is built again without it (serial kernels);
+if that fails too (no compiler), the extension is optional: the install goes on without it
+and fastnorm runs on its Numba backend. ``FASTNORM_REQUIRE_CYTHON=1`` (CI) makes it required.
 """
 import os
 import platform
@@ -38,38 +38,21 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 OPENMP = {"-fopenmp", "/openmp"}
 
 
-class OptionalBuildExt(build_ext):
-    """build_ext with OpenMP flags per compiler; a failed build warns instead of failing."""
+class BuildExt(build_ext):
+    """build_ext with each compiler's OpenMP flags, and a serial build if OpenMP fails."""
 
     def build_extension(self, ext):
         cflags, lflags = FLAGS.get(self.compiler.compiler_type, FLAGS["unix"])
         base_c, base_l = list(ext.extra_compile_args), list(ext.extra_link_args)
-        serial = ([f for f in cflags if f not in OPENMP], [f for f in lflags if f not in OPENMP])
-        attempts = [(cflags, lflags), serial]
-        for i, (c, l) in enumerate(attempts):
-            ext.extra_compile_args, ext.extra_link_args = base_c + c, base_l + l
-            try:
-                super().build_extension(ext)
-            except Exception as e:  # CompileError, LinkError, missing compiler ...
-                what = "with OpenMP" if i == 0 else "without OpenMP"
-                self.warn(f"building {ext.name} {what} failed: {e}")
-                continue
-            if i:
-                self.warn(f"{ext.name} was built WITHOUT OpenMP: its kernels run on one thread")
-            return
-        if REQUIRE:
-            raise RuntimeError(f"{ext.name} failed to build and FASTNORM_REQUIRE_CYTHON=1")
-        self.warn(f"{ext.name} could not be built: fastnorm will use its Numba backend "
-                  "(python -m fastnorm info shows what is available)")
-
-    def run(self):
+        ext.extra_compile_args, ext.extra_link_args = base_c + cflags, base_l + lflags
         try:
-            super().run()
-        except Exception as e:  # e.g. no C compiler at all
-            if REQUIRE:
-                raise
-            self.warn(f"the Cython backend could not be built ({e}); "
-                      "fastnorm will use its Numba backend")
+            return super().build_extension(ext)
+        except Exception as e:  # CompileError, LinkError: no OpenMP here
+            self.warn(f"building {ext.name} with OpenMP failed ({e}); trying without")
+        ext.extra_compile_args = base_c + [f for f in cflags if f not in OPENMP]
+        ext.extra_link_args = base_l + [f for f in lflags if f not in OPENMP]
+        super().build_extension(ext)  # fails: an optional extension is skipped, with a warning
+        self.warn(f"{ext.name} was built WITHOUT OpenMP: its kernels run on one thread")
 
 
 extensions = Extension(
@@ -81,8 +64,12 @@ extensions = Extension(
                    ("FN_DEBUG_CHECKS", str(int(DEBUG)))],
     depends=["fastnorm_cy/_simd.h", "fastnorm_cy/_simd_isa.h", "fastnorm_cy/_simd_body.h"],
 )
+ext_modules = cythonize([extensions], compiler_directives=DIRECTIVES, quiet=True)
+for ext in ext_modules:  # (cythonize drops ``optional`` from a wildcard template)
+    # a failed build skips the extension (fastnorm then runs on Numba); CI requires it
+    ext.optional = not REQUIRE
 
 setup(
-    ext_modules=cythonize([extensions], compiler_directives=DIRECTIVES, quiet=True),
-    cmdclass={"build_ext": OptionalBuildExt},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExt},
 )

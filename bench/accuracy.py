@@ -35,7 +35,7 @@ def torch_forward_backward(variant, x, dy, w, b):
     else:
         y = F.rms_norm(xt, x.shape[-1:], wt, 1e-5)
     dyt = torch.tensor(np.moveaxis(dy, -1, 1) if cl else dy).contiguous()
-    y.backward(dyt)   # contiguous grad_out (DESIGN.md §4 quirk)
+    y.backward(dyt)   # contiguous grad_out (a torch quirk: ARCHITECTURE.md §6)
     yo, go = y.detach().numpy(), xt.grad.numpy()
     return (np.moveaxis(yo, 1, -1), np.moveaxis(go, 1, -1)) if cl else (yo, go)
 

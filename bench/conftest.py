@@ -1,5 +1,5 @@
 """Options of the pytest-benchmark suite (run it explicitly: ``pytest bench/test_bench.py``)
-and a GB/s summary at the end (byte formula of DESIGN.md §4)."""
+and a GB/s summary at the end (byte formula of ARCHITECTURE.md §6)."""
 import os
 
 import pytest
@@ -10,7 +10,7 @@ RESULTS = []  # (group, implementation, median ms, GB/s), filled by test_bench.p
 def pytest_addoption(parser):
     g = parser.getgroup("fastnorm bench")
     g.addoption("--full-shapes", action="store_true",
-                help="DESIGN.md §4's shapes instead of the quick ones")
+                help="the full (README) shapes instead of the quick ones")
     g.addoption("--bench-threads", default=",".join(map(str, sorted({1, os.cpu_count() or 1}))),
                 help="comma-separated thread counts (default: 1 and all cores)")
     g.addoption("--bench-dtype", default="float32", help="comma-separated dtypes")

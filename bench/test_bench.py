@@ -5,7 +5,7 @@ Not collected by a plain ``pytest`` (testpaths = tests). Run it explicitly::
     pytest bench/test_bench.py                       # quick shapes, float32, 1 and all threads
     pytest bench/test_bench.py --full-shapes --bench-threads 1 -k "BN and forward"
 
-Each benchmark records its bytes and GB/s in ``extra_info`` (byte formula of DESIGN.md §4);
+Each benchmark records its bytes and GB/s in ``extra_info`` (byte formula of ARCHITECTURE.md §6);
 the terminal summary lists GB/s. Every implementation's first output is checked against the
 default fastnorm backend's, so a wrong or skipped computation cannot pass as fast.
 """

@@ -11,7 +11,7 @@ within the same run, every implementation:
 - ``numpy``: fastnorm's "numpy" backend, the vectorized NumPy twins of ``fastnorm.reference``;
 - ``torch`` and ``onnxruntime`` when installed (never required).
 
-Figures: median ms, GB/s from DESIGN.md §4's byte formula (training forward 3·S, eval 2·S,
+Figures: median ms, GB/s from ARCHITECTURE.md §6's byte formula (training forward 3·S, eval 2·S,
 backward 5·S, forward+backward 8·S, S = bytes of x), ``floor/ours`` = floor time / fastnorm time,
 and speedups = peer time / fastnorm time. Every peer's output is checked against the NumPy
 backend's once per case, so a wrong peer cannot look fast.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MODES = ("forward", "eval", "backward", "forward+backward")
-PASSES = {"forward": 3, "eval": 2, "backward": 5, "forward+backward": 8}  # × S, DESIGN §4
+PASSES = {"forward": 3, "eval": 2, "backward": 5, "forward+backward": 8}  # × S, ARCHITECTURE.md §6
 VARIANTS = ("batch", "instance", "group", "layer", "rms")
 PEERS = ("numpy", "torch", "onnxruntime")
 DTYPES = ("float32", "float64")
@@ -43,9 +43,9 @@ _GROUPS = 32
 
 # The case table: (variant, layout, full shape, quick shape). Shapes are those of the array
 # the user holds: NCHW (N, C, H, W) with the channel axis 1, NHWC (N, H, W, C) with axis -1,
-# rows (R, M) normalized over M. Full shapes are DESIGN.md §4's; LN 8192×1024 (32 MiB in
-# float32) is where fresh outputs come from mmap and page faults show. Quick shapes (1.5-3
-# MiB in float32) fit in the 32 MiB L3 cache, so their floor runs at cache speed: quick mode
+# rows (R, M) normalized over M. Full shapes are the README's large cases; LN 8192×1024
+# (32 MiB in float32) is where fresh outputs come from mmap and page faults show. Quick shapes
+# (1.5-3 MiB in float32) fit in the 32 MiB L3 cache, so their floor runs at cache speed: quick mode
 # is a smoke run, the README's table comes from the full mode.
 CASE_TABLE = (
     ("batch", "NCHW", (32, 64, 56, 56), (8, 64, 28, 28)),
@@ -651,7 +651,7 @@ def plot(report, path):
             ax.set_title(f"{d}, {t} thread{'s' if t > 1 else ''}", fontsize=9)
             ax.grid(axis="x", alpha=0.3)
             if i == len(dtypes) - 1:
-                ax.set_xlabel("GB/s (byte formula of DESIGN.md §4; higher is better)")
+                ax.set_xlabel("GB/s (byte formula of ARCHITECTURE.md §6; higher is better)")
     handles, names_ = axes[0][0].get_legend_handles_labels()
     fig.suptitle(f"python -m fastnorm bench — {report['meta']['cpu']}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))

@@ -1,28 +1,20 @@
-"""numba-CUDA backend: the same kernels and the same public functions, on NVIDIA GPUs.
+"""numba-CUDA backend: the kernels of the dispatch table on NVIDIA GPUs, and the adapter
+for device arrays; the norm bodies (``fastnorm._norms``) run on them as on the CPU.
 
-Imported only when used: by ``fastnorm.api`` for arguments with ``__cuda_array_interface__``
-(numba device arrays, CuPy, ...) or when the backend resolves to "cuda", and by
-``fastnorm._dispatch`` for ``KERNELS``. Needs ``numba-cuda`` (``pip install fastnorm[cuda]``).
+Loaded by ``fastnorm._dispatch`` when a call has an argument with ``__cuda_array_interface__``
+(numba device arrays, CuPy, ...) or selects ``backend="cuda"`` (host arrays are then copied
+over and back). Needs ``numba-cuda`` (``pip install fastnorm[cuda]``).
 
-Kernels (names and argument order of ``fastnorm.reference``, on device arrays):
+- rows kernels: a block per row, grid-stride over rows; each thread keeps a Welford partial
+  of elements ``t, t + blockDim, ...``, merged with Chan's formula in a fixed tree (within
+  each warp, then across warps), so results do not depend on timing.
+- channels kernels (x is (P, Q, C)): thread (p, k, c) reduces chunk k of q; a second launch
+  merges the K partials of each (p, c) in index order. No float atomics: deterministic.
+- apply and phase kernels: elementwise or per unit, grid-stride.
 
-- rows: a block per row, grid-stride over rows. Each thread keeps a Welford partial of the
-  elements ``t, t + blockDim, ...``; the partials are merged with Chan's formula in a fixed tree
-  order (within each warp, then across warps), so results do not depend on timing.
-- channels (x is (P, Q, C)): two stages. Thread (p, k, c) reduces chunk k of q into a partial;
-  a second launch merges the K partials of each (p, c) in index order. No float atomics, so
-  every result is deterministic. K depends on the shape only.
-- apply kernels (scale_shift, bwd_apply): elementwise, grid-stride.
-
-One source, two targets: ``USE_SHUFFLE`` (the one flag) selects warp shuffles on a real GPU or,
-under the simulator (``NUMBA_ENABLE_CUDASIM=1``, which has no shuffles), the same exchange
-through shared memory. The simulator also gets small warps (4) and blocks (8 threads) so the
-warp tree and the cross-warp merge are both exercised on tiny test shapes.
-
-The public functions take numba device arrays, objects with ``__cuda_array_interface__`` or,
-with the cuda backend selected, host arrays (copied over and back). Device inputs give device
-outputs; running statistics given as device arrays are updated in place on the device.
-float16 and empty inputs take one round trip through the host (NumPy path).
+``USE_SHUFFLE`` selects warp shuffles on a GPU or, under the simulator
+(``NUMBA_ENABLE_CUDASIM=1``, which has none), the same exchange through shared memory, with
+small warps (4) and blocks (8 threads) so every level of the tree runs on tiny test shapes.
 """
 import math
 
@@ -36,9 +28,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
+from . import _checks
 from . import _geometry as geo
-from . import api as _api
 from . import reference
+from ._arrays import F64, HOST, Host
 
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
 USE_SHUFFLE = not SIMULATOR          # warp shuffles on a GPU, shared memory in the simulator
@@ -210,7 +203,7 @@ def _rows_bwd_dx_k(dy, x, mean, rstd, weight, rms, dx):
 
 
 @cuda.jit
-def _rows_wgrad_part_k(dy, x, mean, rstd, B, dw_part, db_part):
+def _rows_bwd_wgrad_part_k(dy, x, mean, rstd, B, dw_part, db_part):
     # IN dy, x (R, M), mean/rstd (R,), B   OUT dw_part/db_part (B, M)|None: row block b summed
     R, M = x.shape
     for j in range(cuda.grid(1), B * M, cuda.gridsize(1)):
@@ -274,75 +267,6 @@ def _rows_scale_shift_k(x, mean, alpha, beta, y):
 
 
 @cuda.jit
-def _grouped_coefs_k(m64, m2, weight, bias, eps, n, G, mean_rk, alpha_rk, beta_rk, mean,
-                     rstd):
-    # IN m64/m2 (R,) row moments over n elements, weight/bias (G, K) or None
-    # OUT mean_rk/alpha_rk/beta_rk (R*K,) per-segment scalars, mean/rstd (R,) x's dtype
-    R = m64.shape[0]
-    K = mean_rk.shape[0] // R
-    for j in range(cuda.grid(1), R * K, cuda.gridsize(1)):
-        r = j // K
-        k = j - r * K
-        rs = 1.0 / math.sqrt(max(m2[r] / n, 0.0) + eps)
-        mean_rk[j] = m64[r]
-        alpha_rk[j] = rs if weight is None else rs * weight[r % G, k]
-        beta_rk[j] = 0.0 if bias is None else bias[r % G, k]
-        if k == 0:
-            mean[r] = m64[r]
-            rstd[r] = rs
-
-
-@cuda.jit
-def _ch_grouped_coefs_k(mg, m2g, weight, bias, eps, n, mean_s, alpha_s, beta_s, mean, rstd):
-    # IN mg/m2g (P, G) group moments over n elements, weight/bias (C,) or None
-    # OUT mean_s/alpha_s/beta_s (P, C) per-channel scalars, mean/rstd (P, G) x's dtype
-    P, C = mean_s.shape
-    K = C // mg.shape[1]
-    for j in range(cuda.grid(1), P * C, cuda.gridsize(1)):
-        p = j // C
-        c = j - p * C
-        g = c // K
-        rs = 1.0 / math.sqrt(max(m2g[p, g] / n, 0.0) + eps)
-        mean_s[p, c] = mg[p, g]
-        alpha_s[p, c] = rs if weight is None else rs * weight[c]
-        beta_s[p, c] = 0.0 if bias is None else bias[c]
-        if c == g * K:
-            mean[p, g] = mg[p, g]
-            rstd[p, g] = rs
-
-
-@cuda.jit
-def _expand_k(v, K, out):
-    # IN v (R,)   OUT out (R*K,): out[j] = v[j // K]
-    for j in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
-        out[j] = v[j // K]
-
-
-@cuda.jit
-def _grouped_bwd_coefs_k(sdy, sdx, mean, rstd, weight, G, K, n, c1, c2, c3, sum_dy,
-                         sum_dyxh):
-    # IN sdy/sdx (R*K,) segment sums of dy, dy*(x - mean); mean/rstd (R,); weight (G, K)|None
-    # OUT c1/c2/c3 (R*K,) for rows_bwd_apply; sum_dy/sum_dyxh (R, K)
-    R = mean.shape[0]
-    for r in range(cuda.grid(1), R, cuda.gridsize(1)):
-        rs = rstd[r]
-        sg = 0.0
-        sgx = 0.0
-        for k in range(K):
-            j = r * K + k
-            wk = 1.0 if weight is None else weight[r % G, k]
-            sum_dy[r, k] = sdy[j]
-            sum_dyxh[r, k] = sdx[j] * rs
-            sg += wk * sdy[j]
-            sgx += wk * sdx[j] * rs
-        for k in range(K):
-            j = r * K + k
-            c1[j] = rs if weight is None else rs * weight[r % G, k]
-            c2[j] = -rs * rs * (sgx / n)
-            c3[j] = -rs * (sg / n)
-
-
-@cuda.jit
 def _rows_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
     # IN dy, x (R, M), mean/c1/c2/c3 (R,)   OUT dx = c1*dy + c2*(x - mean) + c3
     R, M = x.shape
@@ -355,7 +279,7 @@ def _rows_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
 # --------------------------------------------------------------------- channels kernels
 
 @cuda.jit
-def _ch_moments_part_k(x, pmean, pm2):
+def _channels_moments_part_k(x, pmean, pm2):
     # IN x (P, Q, C)   OUT pmean/pm2 (P, K, C): Welford over chunk k of q, per (p, c)
     P, Q, C = x.shape
     K = pmean.shape[1]
@@ -377,7 +301,7 @@ def _ch_moments_part_k(x, pmean, pm2):
 
 
 @cuda.jit
-def _ch_moments_merge_k(pmean, pm2, Q, mean, m2):
+def _channels_moments_merge_k(pmean, pm2, Q, mean, m2):
     # IN partials (P, K, C) of chunks of Q   OUT mean, m2 (P, C), merged in index order
     P, K, C = pmean.shape
     for j in range(cuda.grid(1), P * C, cuda.gridsize(1)):
@@ -394,7 +318,7 @@ def _ch_moments_merge_k(pmean, pm2, Q, mean, m2):
 
 
 @cuda.jit
-def _ch_dot_part_k(dy, x, mean, pdy, pdx):
+def _channels_dot_part_k(dy, x, mean, pdy, pdx):
     # IN dy, x (P, Q, C), mean (P, C)   OUT pdy/pdx (P, K, C): sums over chunk k of q
     P, Q, C = x.shape
     K = pdy.shape[1]
@@ -430,7 +354,7 @@ def _sum_mid_k(a, b, out_a, out_b):
 
 
 @cuda.jit
-def _ch_scale_shift_k(x, mean, alpha, beta, y):
+def _channels_scale_shift_k(x, mean, alpha, beta, y):
     # IN x (P, Q, C), mean/alpha/beta (P, C)   OUT y = (x - mean) * alpha + beta
     P, Q, C = x.shape
     for j in range(cuda.grid(1), P * Q * C, cuda.gridsize(1)):
@@ -442,7 +366,7 @@ def _ch_scale_shift_k(x, mean, alpha, beta, y):
 
 
 @cuda.jit
-def _ch_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
+def _channels_bwd_apply_k(dy, x, mean, c1, c2, c3, dx):
     # IN dy, x (P, Q, C), mean/c1/c2/c3 (P, C)   OUT dx = c1*dy + c2*(x - mean) + c3
     P, Q, C = x.shape
     for j in range(cuda.grid(1), P * Q * C, cuda.gridsize(1)):
@@ -486,8 +410,9 @@ def _finalize_k(mean_g, m2_g, count, eps, clamp, weight, bias, cg, mean_s, alpha
 
 
 @cuda.jit
-def _running_k(mean_g, m2_g, denom, momentum, rm, rv):
-    # IN batch stats (Pn, C): averaged over Pn, var = m2/denom   OUT rm, rv (C,) updated in place
+def _running_update_k(mean_g, m2_g, denom, keep, take, rm, rv):
+    # IN batch stats (Pn, C): averaged over Pn, var = m2/denom
+    # OUT rm, rv (C,) in place: keep * running + take * batch
     Pn, C = mean_g.shape
     for c in range(cuda.grid(1), C, cuda.gridsize(1)):
         m = 0.0
@@ -495,8 +420,8 @@ def _running_k(mean_g, m2_g, denom, momentum, rm, rv):
         for p in range(Pn):
             m += mean_g[p, c]
             v += m2_g[p, c] / denom
-        rm[c] = (1.0 - momentum) * rm[c] + momentum * (m / Pn)
-        rv[c] = (1.0 - momentum) * rv[c] + momentum * (v / Pn)
+        rm[c] = keep * rm[c] + take * (m / Pn)
+        rv[c] = keep * rv[c] + take * (v / Pn)
 
 
 @cuda.jit
@@ -533,7 +458,7 @@ def _group_sums_k(sdy, sdx, weight, cg, sg, sgx):
 
 
 @cuda.jit
-def _bwd_coefs_k(weight, rstd, sg, sgx, n, training, cg, c1, c2, c3):
+def _backward_coefs_k(weight, rstd, sg, sgx, n, training, cg, c1, c2, c3):
     # IN rstd/sg/sgx (Pg, G), n elements per unit   OUT c1, c2, c3 (P', C) with
     # dx = c1*dy + c2*(x - mean) + c3 = rstd * (w*dy - sum(g)/n - xhat * sum(g*xhat)/n)
     Pp, C = c1.shape
@@ -554,7 +479,7 @@ def _bwd_coefs_k(weight, rstd, sg, sgx, n, training, cg, c1, c2, c3):
 
 
 @cuda.jit
-def _wgrad_k(sdy, sdx, rstd, cg, gw, gb):
+def _weight_grads_k(sdy, sdx, rstd, cg, gw, gb):
     # IN sdy/sdx (P', C), rstd (Pg, G)   OUT gw = sum_p sdx*rstd, gb = sum_p sdy (C,)|None
     Pp, C = sdy.shape
     Pg = rstd.shape[0]
@@ -571,7 +496,7 @@ def _wgrad_k(sdy, sdx, rstd, cg, gw, gb):
 
 
 @cuda.jit
-def _colsum_k(part, out):
+def _column_sums_k(part, out):
     # IN part (B, M) float64   OUT out (M,): sums over b in index order
     B, M = part.shape
     for m in range(cuda.grid(1), M, cuda.gridsize(1)):
@@ -608,15 +533,20 @@ def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
 
 
 def rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
-    # composed on the device: row moments, per-segment scalars, then the rows apply
+    # composed on the device: row moments, then the phases of group norm on the (N, G*K) grid
+    # (row r = n*G + g, segment k -> channel g*K + k; weight/bias (G, K) seen as (G*K,))
     R, K, S = x.shape
+    G = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else 1)
+    N = R // G
     m64, m2 = cuda.device_array(R), cuda.device_array(R)
     rows_moments(x.reshape(R, K * S), m64, m2)
-    mean_rk, alpha_rk, beta_rk = (cuda.device_array(R * K) for _ in range(3))
-    G = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else 1)
-    _flat(_grouped_coefs_k, R * K)(m64, m2, weight, bias, float(eps), float(K * S), G,
-                                   mean_rk, alpha_rk, beta_rk, mean, rstd)
-    rows_scale_shift(x.reshape(R * K, S), mean_rk, alpha_rk, beta_rk, y.reshape(R * K, S))
+    coefs = [cuda.device_array((N, G * K)) for _ in range(3)]
+    finalize(m64.reshape(N, G), m2.reshape(N, G), K * S, eps, True,
+             None if weight is None else weight.reshape(G * K),
+             None if bias is None else bias.reshape(G * K), K, *coefs, mean.reshape(N, G),
+             rstd.reshape(N, G))
+    rows_scale_shift(x.reshape(R * K, S), *[c.reshape(R * K) for c in coefs],
+                     y.reshape(R * K, S))
 
 
 def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
@@ -624,7 +554,7 @@ def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
     _per_row(_rows_bwd_dx_k, R, M)(dy, x, mean, rstd, weight, bool(rms), dx)
     if dw_part is not None or db_part is not None:
         B = (dw_part if dw_part is not None else db_part).shape[0]
-        _flat(_rows_wgrad_part_k, B * M)(dy, x, mean, rstd, B, dw_part, db_part)
+        _flat(_rows_bwd_wgrad_part_k, B * M)(dy, x, mean, rstd, B, dw_part, db_part)
 
 
 def rows_moments(x, mean, m2):
@@ -644,64 +574,113 @@ def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
 
 
 def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
-    # composed on the device: segment sums (rows_dot on (R*K, S)), coefficients, rows apply
+    # composed on the device: segment sums (rows_dot on (R*K, S)), then the phases of group
+    # norm's backward on the (N, G*K) grid, as in rows_fwd_grouped
     R, K, S = x.shape
     G = weight.shape[0] if weight is not None else 1
-    mean_rk, sdy, sdx, c1, c2, c3 = (cuda.device_array(R * K) for _ in range(6))
-    _flat(_expand_k, R * K)(mean, K, mean_rk)
-    rows_dot(dy.reshape(R * K, S), x.reshape(R * K, S), mean_rk, sdy, sdx)
-    _flat(_grouped_bwd_coefs_k, R)(sdy, sdx, mean, rstd, weight, G, K, float(K * S),
-                                   c1, c2, c3, sum_dy, sum_dyxh)
-    rows_bwd_apply(dy.reshape(R * K, S), x.reshape(R * K, S), mean_rk, c1, c2, c3,
+    N, C = R // G, G * K
+    w = None if weight is None else weight.reshape(C)
+    mean_s, c1, c2, c3 = (cuda.device_array((N, C)) for _ in range(4))
+    spread(mean.reshape(N, G), K, mean_s)
+    rows_dot(dy.reshape(R * K, S), x.reshape(R * K, S), mean_s.reshape(R * K),
+             sum_dy.reshape(R * K), sum_dyxh.reshape(R * K))
+    sg, sgx = cuda.device_array((N, G)), cuda.device_array((N, G))
+    group_sums(sum_dy.reshape(N, C), sum_dyxh.reshape(N, C), w, K, sg, sgx)
+    backward_coefs(w, rstd.reshape(N, G), sg, sgx, K * S, True, K, c1, c2, c3)
+    rows_bwd_apply(dy.reshape(R * K, S), x.reshape(R * K, S), mean_s.reshape(R * K),
+                   c1.reshape(R * K), c2.reshape(R * K), c3.reshape(R * K),
                    dx.reshape(R * K, S))
+    # sum_dyxh holds sums of dy * (x - mean): scale each row by its rstd
+    rows_scale_shift(sum_dyxh, cuda.to_device(np.zeros(R)), rstd, cuda.to_device(np.zeros(R)),
+                     sum_dyxh)
 
 
 def channels_moments(x, mean, m2):
     P, Q, C = x.shape
     K = _n_parts(P, Q, C)
     pmean, pm2 = cuda.device_array((P, K, C)), cuda.device_array((P, K, C))
-    _flat(_ch_moments_part_k, P * K * C)(x, pmean, pm2)
-    _flat(_ch_moments_merge_k, P * C)(pmean, pm2, Q, mean, m2)
+    _flat(_channels_moments_part_k, P * K * C)(x, pmean, pm2)
+    _flat(_channels_moments_merge_k, P * C)(pmean, pm2, Q, mean, m2)
 
 
 def channels_scale_shift(x, mean, alpha, beta, y):
-    _flat(_ch_scale_shift_k, x.size)(x, mean, alpha, beta, y)
+    _flat(_channels_scale_shift_k, x.size)(x, mean, alpha, beta, y)
 
 
 def channels_dot(dy, x, mean, sum_dy, sum_dyxc):
     P, Q, C = x.shape
     K = _n_parts(P, Q, C)
     pdy, pdx = cuda.device_array((P, K, C)), cuda.device_array((P, K, C))
-    _flat(_ch_dot_part_k, P * K * C)(dy, x, mean, pdy, pdx)
+    _flat(_channels_dot_part_k, P * K * C)(dy, x, mean, pdy, pdx)
     _flat(_sum_mid_k, P * C)(pdy, pdx, sum_dy, sum_dyxc)
 
 
 def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
-    _flat(_ch_bwd_apply_k, x.size)(dy, x, mean, c1, c2, c3, dx)
+    _flat(_channels_bwd_apply_k, x.size)(dy, x, mean, c1, c2, c3, dx)
 
 
 def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
-    # composed on the device: per-(p, c) moments, merged into groups, then the channels apply
+    # composed on the device: per-(p, c) moments merged into groups, then the phases
     P, Q, C = x.shape
     G = mean.shape[1]
     m64, m2 = cuda.device_array((P, C)), cuda.device_array((P, C))
     channels_moments(x, m64, m2)
-    mg, m2g = _merge_equal(m64.reshape(P * G, C // G, 1), m2.reshape(P * G, C // G, 1), Q)
+    mg, m2g = cuda.device_array((P * G, 1)), cuda.device_array((P * G, 1))
+    merge_equal(m64.reshape(P * G, C // G, 1), m2.reshape(P * G, C // G, 1), Q, mg, m2g)
     coefs = [cuda.device_array((P, C)) for _ in range(3)]
-    _flat(_ch_grouped_coefs_k, P * C)(mg.reshape(P, G), m2g.reshape(P, G), weight, bias,
-                                      float(eps), float(Q * (C // G)), *coefs, mean, rstd)
+    finalize(mg.reshape(P, G), m2g.reshape(P, G), Q * (C // G), eps, True, weight, bias,
+             C // G, *coefs, mean, rstd)
     channels_scale_shift(x, *coefs, y)
 
 
+def merge_equal(mean, m2, count, out_mean, out_m2):
+    # the chunk merge with Q = K * count: every chunk holds exactly ``count`` elements
+    P1, K, P2 = mean.shape
+    _flat(_channels_moments_merge_k, P1 * P2)(mean, m2, K * int(count), out_mean, out_m2)
+
+
+def finalize(mean, m2, count, eps, clamp, weight, bias, cg, mean_s, alpha_s, beta_s,
+             mean_out, rstd_out):
+    _flat(_finalize_k, mean_s.size)(mean, m2, float(count), float(eps), bool(clamp), weight,
+                                    bias, cg, mean_s, alpha_s, beta_s, mean_out, rstd_out)
+
+
+def running_update(mean, m2, denom, keep, take, running_mean, running_var):
+    _flat(_running_update_k, mean.shape[1])(mean, m2, float(denom), float(keep), float(take),
+                                            running_mean, running_var)
+
+
+def spread(v, cg, out):
+    _flat(_spread_k, out.size)(v, cg, out)
+
+
+def column_sums(part, out):
+    _flat(_column_sums_k, part.shape[1])(part, out)
+
+
+def group_sums(sdy, sdx, weight, cg, sg, sgx):
+    _flat(_group_sums_k, sg.size)(sdy, sdx, weight, cg, sg, sgx)
+
+
+def backward_coefs(weight, rstd, sg, sgx, n, training, cg, c1, c2, c3):
+    _flat(_backward_coefs_k, c1.size)(weight, rstd, sg, sgx, float(n), bool(training), cg,
+                                      c1, c2, c3)
+
+
+def weight_grads(sdy, sdx, rstd, cg, gw, gb):
+    _flat(_weight_grads_k, sdy.shape[1])(sdy, sdx, rstd, cg, gw, gb)
+
+
 KERNELS = {name: (globals()[name],) * 2 for name in reference.KERNELS}
+PHASES = {name: (globals()[name],) * 2 for name in reference.PHASES}
 
 
-def set_num_threads(n):
-    """The GPU has no thread count to set (the dispatcher's hook for compiled backends)."""
-
-
-def get_num_threads():
-    return 1
+def unavailable():
+    """Why this backend cannot run here (no GPU and no simulator), or None."""
+    if SIMULATOR or cuda.is_available():
+        return None
+    return ("no CUDA GPU is available (numba-cuda is installed; NUMBA_ENABLE_CUDASIM=1 "
+            "runs the simulator)")
 
 
 def info():
@@ -753,551 +732,170 @@ def _dev_layout(x, axis, batch_outer):
     channels-first), judged from the strides.
     """
     ndim = x.ndim
-    perms = geo._candidates(ndim, 0 if axis is None else axis)
+    perms = geo.candidates(ndim, 0 if axis is None else axis)
     if axis is None:
         perms = perms[:1]
     for perm in perms:
         if _fits(x.shape, x.strides, x.dtype.itemsize, perm) and (
                 not batch_outer or (perm[0] == 0 and perm.index(axis) in (1, ndim - 1))):
             return _permute(x, perm), geo.Layout(x.shape, perm)
-    perm = perms[0]
-    if batch_outer and axis not in (1, ndim - 1):
-        perm = perms[2]
+    perm = perms[2] if batch_outer and axis not in (1, ndim - 1) else perms[0]
     lay = geo.Layout(x.shape, perm)
-    xm = cuda.device_array([x.shape[i] for i in perm], x.dtype)
-    _permute(xm, lay.inv)[...] = x      # one strided device copy
-    return xm, lay
+    return _in_order(x, lay), lay
 
 
-class _Call:
-    """One public call: where the input lives, its layout, and moving results back."""
+def _in_order(d, lay):
+    """Device array ``d`` (x's shape) in the memory order of ``lay``: a view if it fits,
+    else one strided device copy."""
+    if _fits(d.shape, d.strides, d.dtype.itemsize, lay.perm):
+        return _permute(d, lay.perm)
+    dm = cuda.device_array([d.shape[i] for i in lay.perm], d.dtype)
+    _permute(dm, lay.inv)[...] = d
+    return dm
 
-    def __init__(self, input, axis, batch_outer, min_ndim):
+
+class Device(Host):
+    """The array adapter of the cuda backend (``_dispatch`` registers it as ``ARRAYS``):
+    numba device arrays, or anything with ``__cuda_array_interface__`` (CuPy, ...), and
+    host ndarrays, copied over and their results copied back. Device arrays are kept in
+    memory order (x.transpose(perm) C-contiguous, see ``_geometry.Layout``), so a view of
+    one is a reshape; :meth:`finish` returns them in the caller's axis order. :meth:`open`
+    returns the adapter of one call, which knows whether results go back to the host.
+    """
+
+    def __init__(self, host=False, shape=None):
+        self.host, self.shape = host, shape
+
+    def open(self, input, name="input", min_ndim=1):
         if _is_dev(input):
             x = _dev(input)
-            if np.dtype(x.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-                raise TypeError("input must be float16, float32 or float64, "
-                                f"got dtype {x.dtype}")
-            if x.ndim < min_ndim:
-                raise ValueError(f"input must have at least {min_ndim} dimensions, "
-                                 f"got shape {tuple(x.shape)}")
-            self.host = False
-        else:
-            x = _api._input(input, "input", min_ndim)
-            self.host = True
-        self.shape, self.ndim, self.T = tuple(x.shape), x.ndim, np.dtype(x.dtype)
-        self.ax = None if axis is None else _api._axis(axis, x.ndim)
-        self.x, self.batch_outer = x, batch_outer
+            _checks.dtype_of(x, name)
+            _checks.ndim_at_least(x, name, min_ndim)
+            return x, Device(False, tuple(x.shape))
+        x = HOST.input(input, name, min_ndim)
+        return x, Device(True, x.shape)
 
-    def layout(self):
+    def native(self, x):
+        """float16 and empty inputs take one round trip through the host (NumPy path)."""
+        return x.size != 0 and np.dtype(x.dtype) != np.float16
+
+    def plan(self, x, axis=None, batch_outer=False):
         """(x in memory order on the device, Layout)."""
         if self.host:
-            xw, lay = geo.layout(self.x, self.ax, self.batch_outer)
+            xw, lay = geo.layout(x, axis, batch_outer)
             return cuda.to_device(np.ascontiguousarray(xw.transpose(lay.perm))), lay
-        return _dev_layout(self.x, self.ax, self.batch_outer)
+        return _dev_layout(x, axis, batch_outer)
 
-    def like(self, a, lay, name):
+    def view(self, a, lay, shape):
+        return a.reshape(shape)
+
+    def like(self, a, xw, lay, name):
         """grad_out in x's memory order on the device."""
+        T = np.dtype(xw.dtype)
         if _is_dev(a):
             a = _dev(a)
-            if tuple(a.shape) != self.shape:
-                raise ValueError(f"{name} must have the input's shape {self.shape}, "
-                                 f"got {tuple(a.shape)}")
-            if np.dtype(a.dtype) != self.T:
-                raise TypeError(f"{name} must have the input's dtype {self.T}, got {a.dtype}")
-            if _fits(a.shape, a.strides, a.dtype.itemsize, lay.perm):
-                return _permute(a, lay.perm)
-            am = cuda.device_array([self.shape[i] for i in lay.perm], self.T)
-            _permute(am, lay.inv)[...] = a
-            return am
-        a = _api._input(a, name)
-        if a.shape != self.shape:
-            raise ValueError(f"{name} must have the input's shape {self.shape}, got {a.shape}")
-        return cuda.to_device(np.ascontiguousarray(a.astype(self.T, copy=False)
-                                                   .transpose(lay.perm)))
+            _checks.same_shape(a, self.shape, name)
+            if np.dtype(a.dtype) != T:
+                raise TypeError(f"{name} must have the input's dtype {T}, got {a.dtype}")
+            return _in_order(a, lay)
+        a = HOST.input(a, name)
+        _checks.same_shape(a, self.shape, name)
+        return cuda.to_device(np.ascontiguousarray(a.astype(T, copy=False).transpose(lay.perm)))
 
-    def output(self, out, lay):
+    def empty_in(self, lay, dtype):
+        return cuda.device_array([self.shape[i] for i in lay.perm], dtype)
+
+    def output(self, out, x, lay):
         """(y in memory order on the device to compute into, out or None)."""
-        mshape = [self.shape[i] for i in lay.perm]
+        T = np.dtype(x.dtype)
         if out is None:
-            return cuda.device_array(mshape, self.T), None
-        if _is_dev(out):
-            o = _dev(out)
-            if tuple(o.shape) != self.shape or np.dtype(o.dtype) != self.T:
-                raise ValueError(f"out must have shape {self.shape} and dtype {self.T}, "
-                                 f"got {tuple(o.shape)} and {o.dtype}")
-            if _fits(o.shape, o.strides, o.dtype.itemsize, lay.perm):
-                return _permute(o, lay.perm), out
-            return cuda.device_array(mshape, self.T), out
-        if not isinstance(out, np.ndarray):
+            return self.empty_in(lay, T), None
+        if not (_is_dev(out) or isinstance(out, np.ndarray)):
             raise TypeError(f"out must be a numpy.ndarray or a device array, "
                             f"got {type(out).__name__}")
-        if out.shape != self.shape or out.dtype != self.T:
-            raise ValueError(f"out must have shape {self.shape} and dtype {self.T}, "
-                             f"got {out.shape} and {out.dtype}")
-        if not out.flags.writeable:
-            raise ValueError("out is read-only")
-        return cuda.device_array(mshape, self.T), out
+        o = _dev(out) if _is_dev(out) else out
+        _checks.out_array(o, x)
+        if _is_dev(out) and _fits(o.shape, o.strides, o.dtype.itemsize, lay.perm):
+            return _permute(o, lay.perm), out
+        return self.empty_in(lay, T), out
 
-    def finish(self, y, out, lay):
+    def finish(self, y, final, lay):
         """y (memory order, device) -> the array to return, in x's shape and layout."""
-        if out is not None:
-            if _is_dev(out):
-                o = _dev(out)
+        if final is not None and final is not y:
+            if _is_dev(final):
+                o = _dev(final)
                 if not _fits(o.shape, o.strides, o.dtype.itemsize, lay.perm):
                     o[...] = _permute(y, lay.inv)
             else:
-                out[...] = y.copy_to_host().transpose(lay.inv)
-            return out
+                final[...] = y.copy_to_host().transpose(lay.inv)
+            return final
         if self.host:
             return y.copy_to_host().transpose(lay.inv)
         return _permute(y, lay.inv)
 
-    def back(self, *arrays):
+    def empty(self, shape, dtype=F64):
+        return cuda.device_array(shape, dtype)
+
+    def full(self, shape, value, dtype=F64):
+        return cuda.to_device(np.full(shape, value, dtype))
+
+    def zeros(self, shape, dtype=F64):
+        return self.full(shape, 0.0, dtype)
+
+    def vector(self, a, name, shape, dtype=F64):
+        """weight/bias/statistics on the device: None, or a float array of exactly
+        ``shape`` (device arrays keep their dtype: the kernels convert on load)."""
+        if a is None:
+            return None
+        if _is_dev(a):
+            d = _checks.vector(_dev(a), name, shape)
+            if not _fits(d.shape, d.strides, d.dtype.itemsize, range(d.ndim)):
+                c = cuda.device_array(d.shape, d.dtype)
+                c[...] = d
+                d = c
+            return d
+        return cuda.to_device(HOST.vector(a, name, shape, dtype))
+
+    def inout(self, a):
+        if not _is_dev(a):
+            return cuda.to_device(np.ascontiguousarray(a))
+        d = _dev(a)
+        if not _fits(d.shape, d.strides, d.dtype.itemsize, (0,)):
+            raise ValueError("running_mean and running_var device arrays must be contiguous")
+        return d
+
+    def writeback(self, a, k):
+        if not _is_dev(a):
+            a[...] = k.copy_to_host()
+
+    def result(self, T, *arrays):
         """Statistics/gradients: device arrays stay, host calls get host arrays."""
         if not self.host:
             return arrays
         return tuple(None if a is None else a.copy_to_host() for a in arrays)
 
+    def via_host(self, body, kwargs, inplace=()):
+        """float16 or empty input: ``body`` on host copies with the NumPy backend; device
+        arguments updated in place (``inplace``, the running statistics) are copied back."""
+        device = any(_is_dev(v) for v in kwargs.values())
+        hkw = {k: _dev(v).copy_to_host() if _is_dev(v) else v for k, v in kwargs.items()}
+        out = kwargs.get("out")
+        if out is not None and _is_dev(out):
+            hkw["out"] = None
+        res = body(**hkw, backend="numpy")
+        if out is not None and _is_dev(out):
+            y = res[0] if isinstance(res, tuple) else res
+            _dev(out)[...] = cuda.to_device(np.ascontiguousarray(y))
+            res = (out,) + res[1:] if isinstance(res, tuple) else out
+        for k in inplace:
+            if _is_dev(kwargs.get(k)):
+                _dev(kwargs[k]).copy_to_device(hkw[k])
+        if not device:
+            return res
 
-def _vec(a, name, shape, dtype):
-    """weight/bias/mean/rstd on the device: None, or a float array of exactly ``shape``."""
-    if a is None:
-        return None
-    if _is_dev(a):
-        d = _dev(a)
-        if np.dtype(d.dtype).kind != "f":
-            raise TypeError(f"{name} must be a float array, got dtype {d.dtype}")
-        if tuple(d.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(d.shape)}")
-        if not _fits(d.shape, d.strides, d.dtype.itemsize, range(d.ndim)):
-            c = cuda.device_array(d.shape, d.dtype)
-            c[...] = d
-            d = c
-        return d
-    return cuda.to_device(_api._param(a, name, shape, dtype))
-
-
-def _running_pair(rm, rv, C, update):
-    """(rm, rv) on the device and a function that writes host originals back after updates."""
-    pair = []
-    for a, name in ((rm, "running_mean"), (rv, "running_var")):
-        if a is None or not _is_dev(a):
-            pair.append(_api._running(a, name, C, update))
-            continue
-        d = _dev(a)
-        if np.dtype(d.dtype).kind != "f":
-            raise TypeError(f"{name} must be a float array, got dtype {d.dtype}")
-        if tuple(d.shape) != (C,):
-            raise ValueError(f"{name} must have shape ({C},), got {tuple(d.shape)}")
-        pair.append(d)
-    if (pair[0] is None) != (pair[1] is None):
-        raise ValueError("running_mean and running_var must be given together")
-    return pair
+        def to_dev(r):
+            return r if r is None or _is_dev(r) else cuda.to_device(np.ascontiguousarray(r))
+        return tuple(map(to_dev, res)) if isinstance(res, tuple) else to_dev(res)
 
 
-def _update_running(rm, rv, mean_g, m2_g, denom, momentum, num_batches_tracked):
-    """torch's rule on the device: new = (1 - momentum) * old + momentum * batch, in place.
-
-    Host running stats are copied over, updated and copied back into the caller's arrays.
-    """
-    if num_batches_tracked is not None:
-        num_batches_tracked += 1
-    if momentum is None:
-        momentum = 1.0 / float(num_batches_tracked)
-    dm, dv = [a if _is_dev(a) else cuda.to_device(np.ascontiguousarray(a)) for a in (rm, rv)]
-    dm, dv = _dev(dm), _dev(dv)
-    if not _fits(dm.shape, dm.strides, dm.dtype.itemsize, (0,)) or not _fits(
-            dv.shape, dv.strides, dv.dtype.itemsize, (0,)):
-        raise ValueError("running_mean and running_var device arrays must be contiguous")
-    _flat(_running_k, mean_g.shape[1])(mean_g, m2_g, float(denom), float(momentum), dm, dv)
-    for a, d in ((rm, dm), (rv, dv)):
-        if not _is_dev(a):
-            a[...] = d.copy_to_host()
-
-
-def _spread(v, cg, Pp, C):
-    out = cuda.device_array((Pp, C))
-    _flat(_spread_k, Pp * C)(v, cg, out)
-    return out
-
-
-def _via_host(fn, args, kw, running=()):
-    """float16 or empty input: the NumPy path on host copies, results moved back."""
-    device = any(_is_dev(a) for a in args)
-    hargs = [_dev(a).copy_to_host() if _is_dev(a) else a for a in args]
-    out = kw.get("out")
-    if out is not None and _is_dev(out):
-        kw = dict(kw, out=None)
-    res = getattr(_api, fn)(*hargs, **dict(kw, backend="numpy"))
-    if out is not None and _is_dev(out):
-        y = res[0] if isinstance(res, tuple) else res
-        _dev(out)[...] = cuda.to_device(np.ascontiguousarray(y))
-        res = (out,) + res[1:] if isinstance(res, tuple) else out
-    for i in running:
-        if _is_dev(args[i]):
-            _dev(args[i]).copy_to_device(hargs[i])
-    if not device:
-        return res
-
-    def to_dev(r):
-        return r if r is None or _is_dev(r) else cuda.to_device(np.ascontiguousarray(r))
-    return tuple(map(to_dev, res)) if isinstance(res, tuple) else to_dev(res)
-
-
-def _needs_host(input):
-    x = _dev(input) if _is_dev(input) else np.asarray(input)
-    return x.size == 0 or np.dtype(x.dtype) == np.float16
-
-
-def _flat_if(kind, a):
-    """(P', C) per-unit values as the kernel wants them: rows (P'*C,), channels (P', C)."""
-    return a.reshape(a.size) if kind == "rows" else a
-
-
-def _apply_forward(kind, xv, yv, mean_g, m2_g, count, eps, training, w, b, cg, Pp, C, Po, T):
-    """y = (x - mean) * (rstd * w) + b from unit statistics; returns mean, rstd (Po, G) in T."""
-    G = C // cg
-    mean_s, alpha_s, beta_s = (cuda.device_array((Pp, C)) for _ in range(3))
-    mean_out, rstd_out = cuda.device_array((Po, G), T), cuda.device_array((Po, G), T)
-    _flat(_finalize_k, Pp * C)(mean_g, m2_g, float(count), eps, training, w, b, cg,
-                               mean_s, alpha_s, beta_s, mean_out, rstd_out)
-    KERNELS[kind + "_scale_shift"][0](xv, *[_flat_if(kind, a) for a in (mean_s, alpha_s, beta_s)],
-                                      yv)
-    return mean_out, rstd_out
-
-
-def _unit_backward(kind, dyv, xv, dxv, mean, rstd, w, cg, Pp, C, n, training, has_bias, T):
-    """dx into dxv and (grad_weight, grad_bias) for unit statistics mean/rstd (Pg, G)."""
-    Pg, G = mean.shape
-    mean_s = _spread(mean, cg, Pp, C)
-    sdy, sdx = cuda.device_array((Pp, C)), cuda.device_array((Pp, C))
-    KERNELS[kind + "_dot"][0](dyv, xv, _flat_if(kind, mean_s), _flat_if(kind, sdy),
-                              _flat_if(kind, sdx))
-    sg, sgx = cuda.device_array((Pg, G)), cuda.device_array((Pg, G))
-    _flat(_group_sums_k, Pg * G)(sdy, sdx, w, cg, sg, sgx)
-    c1, c2, c3 = (cuda.device_array((Pp, C)) for _ in range(3))
-    _flat(_bwd_coefs_k, Pp * C)(w, rstd, sg, sgx, float(n), bool(training), cg, c1, c2, c3)
-    KERNELS[kind + "_bwd_apply"][0](dyv, xv, _flat_if(kind, mean_s),
-                                    *[_flat_if(kind, c) for c in (c1, c2, c3)], dxv)
-    gw = None if w is None else cuda.device_array(C, T)
-    gb = cuda.device_array(C, T) if has_bias else None
-    if gw is not None or gb is not None:
-        _flat(_wgrad_k, C)(sdy, sdx, rstd, cg, gw, gb)
-    return gw, gb
-
-
-def _moments(kind, xv, P, C):
-    """float64 (mean, m2) as (P, C): rows (P*C,) reshaped, channels as they come."""
-    mean, m2 = cuda.device_array((P, C)), cuda.device_array((P, C))
-    KERNELS[kind + "_moments"][0](xv, _flat_if(kind, mean), _flat_if(kind, m2))
-    return mean, m2
-
-
-def _merge_equal(mean, m2, count):
-    """(P1, K, P2) groups of equal count -> (P1, P2) (the device twin of geo.merge_equal)."""
-    P1, K, P2 = mean.shape
-    om, oq = cuda.device_array((P1, P2)), cuda.device_array((P1, P2))
-    # the chunk merge with Q = K * count: every chunk holds exactly ``count`` elements
-    _flat(_ch_moments_merge_k, P1 * P2)(mean, m2, K * int(count), om, oq)
-    return om, oq
-
-
-# ------------------------------------------------------------------- public functions
-
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, out=None, return_stats=False,
-               num_batches_tracked=None, backend=None):
-    """Device twin of :func:`fastnorm.batch_norm` (same arguments and semantics)."""
-    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if _needs_host(input):
-        return _via_host("batch_norm", args, dict(
-            axis=axis, out=out, return_stats=return_stats,
-            num_batches_tracked=num_batches_tracked), running=(1, 2))
-    call = _Call(input, axis, False, 2)
-    ax, T = call.ax, call.T
-    C = call.shape[ax]
-    w = _vec(weight, "weight", (C,), np.float64)
-    b = _vec(bias, "bias", (C,), np.float64)
-    rm, rv = _running_pair(running_mean, running_var, C, training)
-    eps = _api._eps(eps)
-    count = math.prod(call.shape) // C
-    if training:
-        if count == 1:
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {call.shape}")
-        if rm is not None:
-            _api._momentum(momentum, num_batches_tracked)
-    elif rm is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    xd, lay = call.layout()
-    kind, shape, A = geo.batch_geometry(lay, ax)
-    y, final = call.output(out, lay)
-    xv, yv = xd.reshape(shape), y.reshape(shape)
-    Pp = A if kind == "rows" else 1
-    if training:
-        mean_g, m2_g = _moments(kind, xv, Pp, C)
-        if kind == "rows":   # (A, C) rows of count/A elements: merge over A
-            mean_g, m2_g = _merge_equal(mean_g.reshape(1, A, C), m2_g.reshape(1, A, C),
-                                        count // A)
-        if rm is not None:
-            _update_running(rm, rv, mean_g, m2_g, count - 1, momentum, num_batches_tracked)
-        mean_o, rstd_o = _apply_forward(kind, xv, yv, mean_g, m2_g, count, eps, True, w, b,
-                                        1, Pp, C, 1, T)
-    else:
-        rmd, rvd = (_dev(a) if _is_dev(a) else cuda.to_device(np.ascontiguousarray(a))
-                    for a in (rm, rv))
-        mean_o, rstd_o = _apply_forward(kind, xv, yv, rmd.reshape(1, C), rvd.reshape(1, C), 1,
-                                        eps, False, w, b, 1, Pp, C, 1, T)
-    y = call.finish(y, final, lay)
-    if not return_stats:
-        return y
-    return (y,) + call.back(mean_o.reshape(C), rstd_o.reshape(C))
-
-
-def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True, *, axis=1,
-                        has_bias=True, backend=None):
-    """Device twin of :func:`fastnorm.batch_norm_backward`."""
-    if _needs_host(input):
-        return _via_host("batch_norm_backward", (grad_out, input, mean, rstd, weight, training),
-                         dict(axis=axis, has_bias=has_bias))
-    call = _Call(input, axis, False, 2)
-    ax, T = call.ax, call.T
-    C = call.shape[ax]
-    mean = _vec(mean, "mean", (C,), np.float64)
-    rstd = _vec(rstd, "rstd", (C,), np.float64)
-    w = _vec(weight, "weight", (C,), np.float64)
-    xd, lay = call.layout()
-    dyd = call.like(grad_out, lay, "grad_out")
-    kind, shape, A = geo.batch_geometry(lay, ax)
-    dx = cuda.device_array([call.shape[i] for i in lay.perm], T)
-    Pp = A if kind == "rows" else 1
-    count = math.prod(call.shape) // C
-    gw, gb = _unit_backward(kind, dyd.reshape(shape), xd.reshape(shape), dx.reshape(shape),
-                            mean.reshape(1, C), rstd.reshape(1, C), w, 1, Pp, C, count,
-                            training, has_bias, T)
-    return (call.finish(dx, None, lay),) + call.back(gw, gb)
-
-
-def _nc_view(call, lay):
-    kind, N, C, S = geo.instance_geometry(lay, call.ax)
-    shape = (N * C, S) if kind == "rows" else (N, S, C)
-    return kind, N, C, S, shape
-
-
-def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
-                  return_stats=False, num_batches_tracked=None, backend=None):
-    """Device twin of :func:`fastnorm.instance_norm`."""
-    args = (input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    if _needs_host(input):
-        return _via_host("instance_norm", args, dict(
-            axis=axis, out=out, return_stats=return_stats,
-            num_batches_tracked=num_batches_tracked), running=(1, 2))
-    call = _Call(input, axis, True, 2)
-    if call.ax == 0:
-        raise ValueError("axis must be the channel axis, not the batch axis 0")
-    C, T = call.shape[call.ax], call.T
-    w = _vec(weight, "weight", (C,), np.float64)
-    b = _vec(bias, "bias", (C,), np.float64)
-    update = use_input_stats and running_mean is not None
-    rm, rv = _running_pair(running_mean, running_var, C, update)
-    eps = _api._eps(eps)
-    if not use_input_stats and rm is None:
-        raise ValueError("running_mean and running_var are required when "
-                         "use_input_stats=False")
-    if update:
-        _api._momentum(momentum, num_batches_tracked)
-    xd, lay = call.layout()
-    kind, N, C, S, shape = _nc_view(call, lay)
-    if use_input_stats and S == 1:
-        raise ValueError("Expected more than 1 spatial element when training, "
-                         f"got input size {call.shape}")
-    y, final = call.output(out, lay)
-    xv, yv = xd.reshape(shape), y.reshape(shape)
-    if use_input_stats:
-        mean_g, m2_g = _moments(kind, xv, N, C)
-        if update:
-            _update_running(rm, rv, mean_g, m2_g, S - 1, momentum, num_batches_tracked)
-        mean_o, rstd_o = _apply_forward(kind, xv, yv, mean_g, m2_g, S, eps, True, w, b, 1,
-                                        N, C, N, T)
-    else:
-        rmd, rvd = (_dev(a) if _is_dev(a) else cuda.to_device(np.ascontiguousarray(a))
-                    for a in (rm, rv))
-        mean_o, rstd_o = _apply_forward(kind, xv, yv, rmd.reshape(1, C), rvd.reshape(1, C), 1,
-                                        eps, False, w, b, 1, N, C, N, T)
-    y = call.finish(y, final, lay)
-    return (y,) + call.back(mean_o, rstd_o) if return_stats else y
-
-
-def _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, groups, training):
-    """Shared backward of instance norm (groups=None) and group norm (groups=G)."""
-    call = _Call(input, axis, True, 2)
-    xd, lay = call.layout()
-    kind, N, C, S, shape = _nc_view(call, lay)
-    G = C if groups is None else groups
-    mean = _vec(mean, "mean", (N, G), np.float64)
-    rstd = _vec(rstd, "rstd", (N, G), np.float64)
-    w = _vec(weight, "weight", (C,), np.float64)
-    dyd = call.like(grad_out, lay, "grad_out")
-    dx = cuda.device_array([call.shape[i] for i in lay.perm], call.T)
-    cg = C // G
-    gw, gb = _unit_backward(kind, dyd.reshape(shape), xd.reshape(shape), dx.reshape(shape),
-                            mean, rstd, w, cg, N, C, cg * S, training, has_bias, call.T)
-    return (call.finish(dx, None, lay),) + call.back(gw, gb)
-
-
-def instance_norm_backward(grad_out, input, mean, rstd, weight=None, use_input_stats=True, *,
-                           axis=1, has_bias=True, backend=None):
-    """Device twin of :func:`fastnorm.instance_norm_backward`."""
-    if _needs_host(input):
-        return _via_host("instance_norm_backward",
-                         (grad_out, input, mean, rstd, weight, use_input_stats),
-                         dict(axis=axis, has_bias=has_bias))
-    return _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, None,
-                        use_input_stats)
-
-
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
-               return_stats=False, backend=None):
-    """Device twin of :func:`fastnorm.group_norm`."""
-    if _needs_host(input):
-        return _via_host("group_norm", (input, num_groups, weight, bias, eps),
-                         dict(axis=axis, out=out, return_stats=return_stats))
-    call = _Call(input, axis, True, 2)
-    if call.ax == 0:
-        raise ValueError("axis must be the channel axis, not the batch axis 0")
-    C, T = call.shape[call.ax], call.T
-    G = _api._groups(num_groups, C, call.shape)
-    w = _vec(weight, "weight", (C,), np.float64)
-    b = _vec(bias, "bias", (C,), np.float64)
-    eps = _api._eps(eps)
-    xd, lay = call.layout()
-    kind, N, C, S, shape = _nc_view(call, lay)
-    y, final = call.output(out, lay)
-    cg = C // G
-    if kind == "rows":   # statistics on (N*G, C/G*S) rows: a reshape of (N*C, S)
-        mean_g, m2_g = _moments("rows", xd.reshape(N * G, cg * S), N, G)
-    else:                # per (n, c) columns, merged into groups of C/G columns
-        mean_c, m2_c = _moments("channels", xd.reshape(shape), N, C)
-        mean_g, m2_g = _merge_equal(mean_c.reshape(N * G, cg, 1), m2_c.reshape(N * G, cg, 1), S)
-        mean_g, m2_g = mean_g.reshape(N, G), m2_g.reshape(N, G)
-    mean_o, rstd_o = _apply_forward(kind, xd.reshape(shape), y.reshape(shape), mean_g, m2_g,
-                                    cg * S, eps, True, w, b, cg, N, C, N, T)
-    y = call.finish(y, final, lay)
-    return (y,) + call.back(mean_o, rstd_o) if return_stats else y
-
-
-def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups, axis=1,
-                        has_bias=True, backend=None):
-    """Device twin of :func:`fastnorm.group_norm_backward`."""
-    if _needs_host(input):
-        return _via_host("group_norm_backward", (grad_out, input, mean, rstd, weight),
-                         dict(num_groups=num_groups, axis=axis, has_bias=has_bias))
-    shape = tuple(_dev(input).shape if _is_dev(input) else np.shape(input))
-    C = shape[_api._axis(axis, len(shape))] if len(shape) >= 2 else 0
-    G = _api._groups(num_groups, C, shape)
-    return _nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, G, True)
-
-
-# --------------------------------------------------------------------- layer / RMS norm
-
-class _Shape:
-    """Just enough of an array for ``api._rows_shape``: ndim and shape."""
-
-    def __init__(self, shape):
-        self.shape, self.ndim = tuple(shape), len(shape)
-
-
-def _rows_forward(input, normalized_shape, weight, bias, eps, rms, out, return_stats):
-    call = _Call(input, None, False, 1)
-    ns, lead, R, M = _api._rows_shape(_Shape(call.shape), normalized_shape)
-    T = call.T
-    w = _vec(weight, "weight", ns, T)
-    b = _vec(bias, "bias", ns, T)
-    eps = _api._eps(eps)
-    xd, lay = call.layout()
-    y, final = call.output(out, lay)
-    mean, rstd = cuda.device_array(R, T), cuda.device_array(R, T)
-    rows_fwd(xd.reshape(R, M), None if w is None else w.reshape(M),
-             None if b is None else b.reshape(M), eps, rms, y.reshape(R, M), mean, rstd)
-    y = call.finish(y, final, lay)
-    if not return_stats:
-        return y
-    if rms:
-        return (y,) + call.back(rstd.reshape(lead))
-    return (y,) + call.back(mean.reshape(lead), rstd.reshape(lead))
-
-
-def _rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, rms, has_bias):
-    call = _Call(input, None, False, 1)
-    T = call.T
-    if normalized_shape is None:
-        rank = len(rstd.shape) if _is_dev(rstd) else np.ndim(rstd)
-        normalized_shape = call.shape[rank:]
-    ns, lead, R, M = _api._rows_shape(_Shape(call.shape), normalized_shape)
-    if rms:
-        mean = cuda.to_device(np.zeros(R, T))
-    else:
-        mean = _vec(mean, "mean", lead, T).reshape(R)
-    rstd = _vec(rstd, "rstd", lead, T).reshape(R)
-    w = _vec(weight, "weight", ns, T)
-    xd, lay = call.layout()
-    dyd = call.like(grad_out, lay, "grad_out")
-    dx = cuda.device_array(xd.shape, T)
-    B = _api._row_blocks(R)
-    dw_part = None if w is None else cuda.device_array((B, M))
-    db_part = cuda.device_array((B, M)) if has_bias else None
-    rows_bwd(dyd.reshape(R, M), xd.reshape(R, M), mean, rstd,
-             None if w is None else w.reshape(M), rms, dx.reshape(R, M), dw_part, db_part)
-    grads = []
-    for part in (dw_part, db_part):
-        if part is None:
-            grads.append(None)
-        else:
-            g = cuda.device_array(M, T)
-            _flat(_colsum_k, M)(part, g)
-            grads.append(g.reshape(ns))
-    return (call.finish(dx, None, lay),) + call.back(*grads)
-
-
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               return_stats=False, backend=None):
-    """Device twin of :func:`fastnorm.layer_norm`."""
-    if _needs_host(input):
-        return _via_host("layer_norm", (input, normalized_shape, weight, bias, eps),
-                         dict(out=out, return_stats=return_stats))
-    return _rows_forward(input, normalized_shape, weight, bias, eps, False, out, return_stats)
-
-
-def layer_norm_backward(grad_out, input, mean, rstd, weight=None, *, normalized_shape=None,
-                        has_bias=True, backend=None):
-    """Device twin of :func:`fastnorm.layer_norm_backward`."""
-    if _needs_host(input):
-        return _via_host("layer_norm_backward", (grad_out, input, mean, rstd, weight),
-                         dict(normalized_shape=normalized_shape, has_bias=has_bias))
-    return _rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, False,
-                          has_bias)
-
-
-def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False,
-             backend=None):
-    """Device twin of :func:`fastnorm.rms_norm` (``eps=None``: the dtype's machine epsilon)."""
-    if _needs_host(input):
-        return _via_host("rms_norm", (input, normalized_shape, weight, eps),
-                         dict(out=out, return_stats=return_stats))
-    if eps is None:
-        dt = _dev(input).dtype if _is_dev(input) else _api._input(input).dtype
-        eps = float(np.finfo(dt).eps)
-    return _rows_forward(input, normalized_shape, weight, None, eps, True, out, return_stats)
-
-
-def rms_norm_backward(grad_out, input, rstd, weight=None, *, normalized_shape=None,
-                      backend=None):
-    """Device twin of :func:`fastnorm.rms_norm_backward`."""
-    if _needs_host(input):
-        return _via_host("rms_norm_backward", (grad_out, input, rstd, weight),
-                         dict(normalized_shape=normalized_shape))
-    gx, gw, _ = _rows_backward(grad_out, input, None, rstd, weight, normalized_shape, True,
-                               False)
-    return gx, gw
+ARRAYS = Device()

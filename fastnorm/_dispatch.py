@@ -1,8 +1,13 @@
 """The one dispatch table {(kernel, backend): (serial, parallel)}, filled lazily.
 
-A backend is a module exposing ``KERNELS = {name: (serial, parallel)}`` with the signatures
-documented in ``fastnorm.reference``. Nothing is imported until a kernel is first asked for,
-so ``import fastnorm`` stays free of numba and of compiled code.
+A backend is a module exposing ``KERNELS = {name: (serial, parallel)}`` with the names and
+signatures of ``fastnorm.reference`` (its docstring is the contract; the names are the
+constants there). It may also expose ``PHASES`` (the per-unit phase kernels: a CPU backend
+that does not gets the NumPy twins, which a device backend must replace) and ``ARRAYS`` (the
+array adapter that allocates, lays out and moves its arrays; the host adapter of
+``fastnorm._arrays`` by default). Registering those is all a backend does: the norm bodies
+(``fastnorm._norms``) are written once against this table. Nothing is imported until a
+kernel is first asked for, so ``import fastnorm`` stays free of numba and of compiled code.
 
 Choice of backend, first match wins: the ``backend=`` argument of a call, the innermost
 ``use_backend(...)`` block (a context variable: per thread and per asyncio task), the
@@ -23,12 +28,11 @@ import os
 import threading
 import warnings
 
-import numpy as np
-
-from . import reference
+from . import _arrays, _checks, reference
 
 BACKENDS = ("cython", "numba", "numpy")          # preference order, fastest first
 _MODULES = {"numba": "fastnorm._numba", "cython": "fastnorm_cy", "cuda": "fastnorm._cuda"}
+ALL = BACKENDS + ("cuda",)
 
 # Below this many elements a parallel launch costs more than it saves. Measured with
 # bench/bench_switch.py, 2 threads vs serial, this machine (2026-11-22): at 16 K elements
@@ -38,13 +42,15 @@ _MODULES = {"numba": "fastnorm._numba", "cython": "fastnorm_cy", "cuda": "fastno
 PARALLEL_MIN = 1 << 15
 
 _TABLE = {}
+_ARRAYS = {}          # backend -> its array adapter
 _MODS = {}
 _FAILED = {}
 _LOADED = set()       # backends whose kernels are in _TABLE
 _default = [None]     # first loadable backend of BACKENDS, once found
 _lock = threading.Lock()
 _current = contextvars.ContextVar("fastnorm_backend", default=None)
-_num_threads = [os.cpu_count() or 1]
+MAX_THREADS = os.cpu_count() or 1
+_num_threads = [MAX_THREADS]
 _forked = [False]
 
 # os.environ.get costs 0.2-0.5 us (key encoding, a KeyError when unset): a quarter of a
@@ -66,26 +72,25 @@ def _env_backend():
 
 def _after_fork_in_child():
     # OpenMP runtimes (numba's omp layer, GNU libgomp) do not survive fork(): a child must
-    # stay on serial kernels (DESIGN.md §4). tests/test_cython.py forks after parallel calls.
+    # stay on serial kernels (ARCHITECTURE.md §3). tests/test_cython.py forks after parallel calls.
     _forked[0] = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _composed_channels_eval(scale_shift):
-    """channels_eval from a backend's channels_scale_shift (coefficients in NumPy)."""
+def _composed_channels_eval(scale_shift, finalize=reference.finalize, arrays=_arrays.HOST):
+    """channels_eval from a backend's channels_scale_shift and finalize kernels."""
     def channels_eval(x, mean, var, weight, bias, eps, y):
         # IN x (..., C) C-contiguous, mean/var/weight/bias (C,) (weight/bias may be None)
         # OUT y (x's shape) = (x - mean) * (rstd * weight) + bias, rstd = 1/sqrt(var + eps)
-        C = x.shape[-1]
+        C = x.shape[x.ndim - 1]
         Q = x.size // C if C else 0
-        alpha = 1.0 / np.sqrt(var.astype(np.float64) + eps)
-        if weight is not None:
-            alpha = alpha * weight
-        beta = np.zeros(C) if bias is None else bias.astype(np.float64)
-        scale_shift(x.reshape(1, Q, C), mean.astype(np.float64).reshape(1, C),
-                    alpha.reshape(1, C), beta.reshape(1, C), y.reshape(1, Q, C))
+        coefs = [arrays.empty((1, C)) for _ in range(5)]
+        finalize(arrays.vector(mean, "mean", (C,)).reshape(1, C),
+                 arrays.vector(var, "var", (C,)).reshape(1, C), 1.0, eps, False, weight, bias,
+                 1, *coefs)
+        scale_shift(x.reshape(1, Q, C), *coefs[:3], y.reshape(1, Q, C))
     return channels_eval
 
 
@@ -93,6 +98,11 @@ def _composed_channels_eval(scale_shift):
 # does); otherwise they are composed from its contract kernels. channels_eval makes a
 # one-row eval BatchNorm one call: no NumPy temporaries for rstd/alpha/beta.
 FUSED = {"channels_eval": ("channels_scale_shift", _composed_channels_eval)}
+
+
+class BackendUnavailable(ValueError, ImportError):
+    """A backend that does not load here: a bad ``backend=`` value (ValueError) whose cause
+    is usually a missing package or device (ImportError)."""
 
 
 def _load(backend):
@@ -105,6 +115,7 @@ def _load(backend):
         if backend in _LOADED:
             return True
         if backend == "numpy":
+            mod = reference
             kernels = {name: (getattr(reference, name),) * 2 for name in reference.KERNELS}
         elif backend in _MODULES:
             try:
@@ -113,16 +124,38 @@ def _load(backend):
             except ImportError as e:  # not built / not installed
                 _FAILED[backend] = str(e)
                 return False
+            why = getattr(mod, "unavailable", lambda: None)()
+            if why:                   # installed, but e.g. no device to run on
+                _FAILED[backend] = why
+                return False
             _MODS[backend] = mod
         else:
-            raise ValueError(f"backend must be one of {BACKENDS + ('cuda',)}, got {backend!r}")
-        for name, fns in kernels.items():
-            _TABLE[(name, backend)] = fns
-        for name, (base, compose) in FUSED.items():
-            if name not in kernels:
-                _TABLE[(name, backend)] = tuple(compose(k) for k in kernels[base])
-        _LOADED.add(backend)
+            raise ValueError(f"backend must be one of {ALL}, got {backend!r}")
+        if mod is reference:
+            register(backend, kernels)
+        else:
+            register(backend, kernels, getattr(mod, "PHASES", None), getattr(mod, "ARRAYS", None))
     return True
+
+
+def register(backend, kernels, phases=None, arrays=None):
+    """Put a backend's kernels into the table: ``kernels`` (every name of
+    ``reference.KERNELS``, optionally fused ones of ``FUSED``) and ``phases`` (the names of
+    ``reference.PHASES``; default: the NumPy twins, which serve host arrays only), each
+    ``{name: (serial, parallel)}``; ``arrays`` is the backend's array adapter (default: the
+    host's)."""
+    missing = [n for n in reference.KERNELS if n not in kernels]
+    if missing:
+        raise ValueError(f"backend {backend!r} lacks the kernels {missing}")
+    twins = {name: (getattr(reference, name),) * 2 for name in reference.PHASES}
+    for name, fns in {**twins, **(phases or {}), **kernels}.items():
+        _TABLE[(name, backend)] = fns
+    _ARRAYS[backend] = arrays = arrays or _arrays.HOST
+    for name, (base, compose) in FUSED.items():
+        if name not in kernels:
+            fin = _TABLE[(reference.FINALIZE, backend)][0]
+            _TABLE[(name, backend)] = tuple(compose(k, fin, arrays) for k in kernels[base])
+    _LOADED.add(backend)
 
 
 def available():
@@ -137,7 +170,7 @@ def default_backend():
     if env:
         if env in _LOADED:
             return env
-        if env not in BACKENDS + ("cuda",):
+        if env not in ALL:
             warnings.warn(f"FASTNORM_BACKEND={env!r} is not one of {BACKENDS}; "
                           "using the default", RuntimeWarning)
         elif _load(env):
@@ -156,7 +189,69 @@ def resolve(backend=None):
         backend = _current.get() or default_backend()
     if backend in _LOADED or _load(backend):
         return backend
-    raise ValueError(f"backend {backend!r} is not available: {_FAILED[backend]}")
+    raise BackendUnavailable(f"backend {backend!r} is not available: {_FAILED[backend]}")
+
+
+def select(backend, *arrays):
+    """(backend, its array adapter) for a call on ``arrays``: device arrays (anything with
+    ``__cuda_array_interface__``) go to "cuda", everything else as :func:`resolve` says."""
+    if any(hasattr(a, "__cuda_array_interface__") for a in arrays):
+        backend = "cuda"
+    name = resolve(backend)
+    return name, _ARRAYS[name]
+
+
+def handler(*args):
+    """The ``__fastnorm_function__(func, arguments)`` of the first argument whose type
+    defines one, else None (``arguments``: the call's arguments by name). A type takes over
+    fastnorm's functions this way, as NumPy's ``__array_function__`` (NEP 18) lets it take
+    over NumPy's: ``fastnorm.Tensor`` records the call on the tape; no fastnorm module
+    imports such a type."""
+    for a in args:
+        h = getattr(type(a), "__fastnorm_function__", None)
+        if h is not None:
+            return h
+    return None
+
+
+def failed():
+    """{backend: why it did not load} for the backends tried so far."""
+    return dict(_FAILED)
+
+
+def modules():
+    """{backend: its module} for the compiled backends loaded so far."""
+    return dict(_MODS)
+
+
+def forked():
+    """True in a child forked from this process (parallel kernels are off there)."""
+    return _forked[0]
+
+
+def table_entries():
+    """The table's keys, ``(kernel, backend)``, of the backends loaded so far."""
+    return sorted(_TABLE)
+
+
+_TWINS = {}
+
+
+def twin(name):
+    """The NumPy twin of kernel ``name``: the function every backend's entry is held to
+    (``reference.<name>``, or for a fused kernel its composition from the twins)."""
+    if name not in _TWINS:
+        if name in FUSED:
+            base, compose = FUSED[name]
+            _TWINS[name] = compose(getattr(reference, base))
+        else:
+            _TWINS[name] = getattr(reference, name)
+    return _TWINS[name]
+
+
+def entry(name, backend):
+    """The table's entry for kernel ``name`` on a loaded ``backend``: (serial, parallel)."""
+    return _TABLE[(name, backend)]
 
 
 @contextlib.contextmanager
@@ -183,7 +278,9 @@ def set_num_threads(n):
     Parameters
     ----------
     n : int >= 1
-        Default: ``os.cpu_count()``. Inputs below ``PARALLEL_MIN`` elements always run on
+        Default and upper limit: ``os.cpu_count()`` (more threads than cores only slow
+        memory-bound kernels; a thread count in the thousands exhausted the stack of the
+        OpenMP runtime). Inputs below ``PARALLEL_MIN`` elements always run on
         the calling thread. Results are the same bits for every ``n`` (the work is split by
         shape, never by thread count). Numba caps ``n`` at ``NUMBA_NUM_THREADS``.
 
@@ -196,10 +293,7 @@ def set_num_threads(n):
     1
     >>> fn.set_num_threads(n)
     """
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    _num_threads[0] = n
+    _num_threads[0] = _checks.integer(n, "n", 1, MAX_THREADS)
 
 
 def get_num_threads():
@@ -213,15 +307,17 @@ CHECKING = frozenset({"cython"})
 
 
 def fast_kernel(name, backend, work):
-    """resolve(backend) + kernel(name, ...) in one call, for the API's one-call fast paths:
+    """resolve(backend) + kernel(name, ...) in one call, for the one-call fast paths:
     (kernel, whether it checks its arguments itself); (None, False) when the call belongs
-    to the CUDA path (the general path routes it)."""
+    to a device backend (the general path routes it)."""
     if backend is None:
         backend = _current.get() or default_backend()
     if backend not in _LOADED:
         if backend == "cuda":
             return None, False
         resolve(backend)  # loads it, or raises ValueError
+    if _ARRAYS[backend] is not _arrays.HOST:
+        return None, False
     return kernel(name, backend, work), backend in CHECKING
 
 
@@ -229,9 +325,9 @@ def kernel(name, backend, work):
     """The function to call for kernel ``name`` on ``backend`` for ``work`` elements."""
     serial, parallel = _TABLE[(name, backend)]
     n = _num_threads[0]
-    if work < PARALLEL_MIN or n == 1 or _forked[0]:
+    if work < PARALLEL_MIN or n == 1 or _forked[0] or serial is parallel:
         return serial
-    mod = _MODS.get(backend)  # compiled backends keep their own (per-thread) count
+    mod = _MODS.get(backend)  # compiled CPU backends keep their own (per-thread) count
     if mod is not None and mod.get_num_threads() != n:
         mod.set_num_threads(n)
     return parallel

@@ -1,7 +1,7 @@
 """The memory floor of ``python -m fastnorm bench``: streaming loops doing only the
 mandatory memory passes.
 
-DESIGN.md §4 counts bytes per call with S = x.nbytes: training forward 3·S (a statistics pass
+ARCHITECTURE.md §6 counts bytes per call with S = x.nbytes: training forward 3·S (a statistics pass
 reads x, the normalize pass reads x and writes y), eval forward 2·S, backward 5·S (a sums pass
 reads dy and x, the apply pass reads dy and x and writes dx), forward+backward 8·S. The floor
 of a case is the time of these loops, at the same thread count, on arrays of the same size:

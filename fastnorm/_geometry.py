@@ -41,7 +41,8 @@ class Layout:
         return self.perm.index(axis)
 
 
-def _candidates(ndim, axis):
+def candidates(ndim, axis):
+    """The memory orders a view can use: natural, channel axis last, channel axis second."""
     ident = tuple(range(ndim))
     last = tuple(i for i in ident if i != axis) + (axis,)
     first = (0, axis) + tuple(i for i in ident[1:] if i != axis) if axis else ident
@@ -57,7 +58,7 @@ def layout(x, axis=None, batch_outer=False):
     next to it or innermost.
     """
     ndim = x.ndim
-    perms = _candidates(ndim, 0 if axis is None else axis)
+    perms = candidates(ndim, 0 if axis is None else axis)
     if axis is None:
         perms = perms[:1]
     for perm in perms:
@@ -88,16 +89,3 @@ def instance_geometry(lay, axis):
     S = math.prod(s for i, s in enumerate(lay.shape) if i not in (0, axis))
     kind = "rows" if lay.pos(axis) == 1 else "channels"
     return kind, N, C, S
-
-
-def merge_equal(mean, m2, count, axis):
-    """Chan's merge of groups of equal ``count`` along ``axis``: (mean, m2) of the union.
-
-    Exact form for equal counts: mean = average of means; m2 = sum(m2) + count *
-    sum((mean_i - mean)**2). NumPy's reduction order over an axis is fixed for a shape.
-    """
-    add = np.add.reduce  # = .sum(axis), = .mean(axis) * n, without their Python wrappers
-    mu = add(mean, axis=axis, keepdims=True) / mean.shape[axis]
-    d = mean - mu
-    m2 = add(m2, axis=axis) + count * add(d * d, axis=axis)
-    return mu.squeeze(axis), m2

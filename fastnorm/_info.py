@@ -30,11 +30,12 @@ def collect():
         "backends": _dispatch.available(),
         "default_backend": _dispatch.default_backend(),
         "FASTNORM_BACKEND": os.environ.get("FASTNORM_BACKEND", "(unset)"),
-        "unavailable": dict(_dispatch._FAILED),
+        "unavailable": _dispatch.failed(),
     }
-    if "numba" in _dispatch._MODS and not _dispatch._forked[0]:
+    mods = _dispatch.modules()
+    if "numba" in mods and not _dispatch.forked():
         _start_numba_threads()
-    for name, mod in _dispatch._MODS.items():
+    for name, mod in mods.items():
         if hasattr(mod, "info"):
             info[name] = mod.info()
     return info
@@ -42,7 +43,7 @@ def collect():
 
 def _start_numba_threads():
     """One parallel Numba call, so numba.threading_layer() names the layer in use."""
-    kernel = _dispatch._TABLE[("rows_moments", "numba")][1]
+    kernel = _dispatch.entry("rows_moments", "numba")[1]
     x = np.zeros((4, 4))
     kernel(x, np.empty(4), np.empty(4))
 

@@ -6,10 +6,10 @@ one node: its parents and a closure mapping the output gradient to the parents' 
 and accumulates into the ``.grad`` of the leaves (Tensors created by the user with
 ``requires_grad=True``), as torch does; intermediate results keep no ``.grad``.
 
-The norms (``batch_norm``, ``layer_norm``, ...) keep the signatures of ``fastnorm.api``:
-``fastnorm.batch_norm`` routes here when an argument is a Tensor. Their forward is the
-fast array path with ``return_stats=True``; their backward is the analytic kernel
-``fastnorm.api.<op>_backward``. Running statistics stay plain ndarrays updated in place.
+The norms are fastnorm's own functions (``fastnorm.batch_norm``, ...): called with a Tensor
+argument they hand the call to ``Tensor.__fastnorm_function__``, which runs the array path
+with ``return_stats=True`` and records the analytic ``<op>_backward``. This module imports
+none of them. Running statistics stay plain ndarrays updated in place.
 
 Element-wise operations broadcast with NumPy's rules; the gradient of a broadcast operand
 is summed back to its shape. Reductions and shapes follow torch's names
@@ -26,10 +26,9 @@ import contextlib
 import contextvars
 import math
 import numbers
+import sys
 
 import numpy as np
-
-from . import api
 
 _grad_enabled = contextvars.ContextVar("fastnorm_grad_enabled", default=True)
 
@@ -1105,139 +1104,46 @@ def adaptive_avg_pool2d(input, output_size):
 
 
 # ------------------------------------------------------------------------------ norms
+# fastnorm's functions hand a call with a Tensor argument to Tensor.__fastnorm_function__
+# (defined below): the forward runs on the arrays with return_stats=True and is recorded
+# with a closure calling the op's analytic backward, ``<op>_backward`` of the same module,
+# with the forward's arguments of the same names. A ``*_backward`` called on Tensors runs
+# on their arrays (no double backward).
 
-def _norm_out(out):
-    return None if out is None else _data(out)
-
-
-def _check_out(out, x):
-    if out is not None and np.may_share_memory(out, x):
-        raise ValueError("out must not overwrite the input while recording: "
-                         "the backward pass needs the input")
-
-
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, out=None, return_stats=False,
-               num_batches_tracked=None, backend=None):
-    """:func:`fastnorm.batch_norm` on the tape (analytic backward)."""
-    x, w, b, out = _data(input), _data(weight), _data(bias), _norm_out(out)
-    if _needs(input, weight, bias):
-        _check_out(out, x)
-    y, m, r = api.batch_norm(x, _data(running_mean), _data(running_var), w, b, training,
-                             momentum, eps, axis=axis, out=out, return_stats=True,
-                             num_batches_tracked=_data(num_batches_tracked), backend=backend)
-
-    def backward(g):
-        return api.batch_norm_backward(g, x, m, r, w, training, axis=axis,
-                                       has_bias=b is not None, backend=backend)
-    t = _node(y, (input, weight, bias), backward)
-    return (t, m, r) if return_stats else t
+_PARENTS = ("input", "weight", "bias")      # the differentiable arguments, in grad order
+# forward arguments that the backward takes under the same name
+_SHARED = ("training", "use_input_stats", "num_groups", "normalized_shape", "axis", "comm",
+           "backend")
 
 
-def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1, out=None,
-                  return_stats=False, num_batches_tracked=None, backend=None):
-    """:func:`fastnorm.instance_norm` on the tape (analytic backward)."""
-    x, w, b, out = _data(input), _data(weight), _data(bias), _norm_out(out)
-    if _needs(input, weight, bias):
-        _check_out(out, x)
-    y, m, r = api.instance_norm(x, _data(running_mean), _data(running_var), w, b,
-                                use_input_stats, momentum, eps, axis=axis, out=out,
-                                return_stats=True,
-                                num_batches_tracked=_data(num_batches_tracked),
-                                backend=backend)
+def _record(func, arguments):
+    """Run ``func`` (a norm forward) on the arrays of ``arguments`` and record it."""
+    args = {k: _data(v) for k, v in arguments.items()}
+    parents = [arguments[k] for k in _PARENTS if k in arguments]
+    if _needs(*parents):
+        out = args.get("out")
+        if out is not None and np.may_share_memory(out, args["input"]):
+            raise ValueError("out must not overwrite the input while recording: "
+                             "the backward pass needs the input")
+    want_stats = args.pop("return_stats", False)
+    y, *stats = func(**args, return_stats=True)
+    fixed = {k: args[k] for k in _SHARED if k in args}
+    if "bias" in args:
+        fixed["has_bias"] = args["bias"] is not None
+    x, w = args["input"], args.get("weight")
+    module, name = sys.modules[func.__module__], func.__name__ + "_backward"
 
-    def backward(g):
-        return api.instance_norm_backward(g, x, m, r, w, use_input_stats, axis=axis,
-                                          has_bias=b is not None, backend=backend)
-    t = _node(y, (input, weight, bias), backward)
-    return (t, m, r) if return_stats else t
-
-
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
-               return_stats=False, backend=None):
-    """:func:`fastnorm.group_norm` on the tape (analytic backward)."""
-    x, w, b, out = _data(input), _data(weight), _data(bias), _norm_out(out)
-    if _needs(input, weight, bias):
-        _check_out(out, x)
-    y, m, r = api.group_norm(x, num_groups, w, b, eps, axis=axis, out=out, return_stats=True,
-                             backend=backend)
-
-    def backward(g):
-        return api.group_norm_backward(g, x, m, r, w, num_groups=num_groups, axis=axis,
-                                       has_bias=b is not None, backend=backend)
-    t = _node(y, (input, weight, bias), backward)
-    return (t, m, r) if return_stats else t
+    def backward(g):   # stats: (mean, rstd), or (rstd,) for RMS norm
+        return getattr(module, name)(g, x, *stats, w, **fixed)
+    t = _node(y, tuple(parents), backward)
+    return (t, *stats) if want_stats else t
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None,
-               return_stats=False, backend=None):
-    """:func:`fastnorm.layer_norm` on the tape (analytic backward)."""
-    x, w, b, out = _data(input), _data(weight), _data(bias), _norm_out(out)
-    if _needs(input, weight, bias):
-        _check_out(out, x)
-    y, m, r = api.layer_norm(x, normalized_shape, w, b, eps, out=out, return_stats=True,
-                             backend=backend)
-
-    def backward(g):
-        return api.layer_norm_backward(g, x, m, r, w, normalized_shape=normalized_shape,
-                                       has_bias=b is not None, backend=backend)
-    t = _node(y, (input, weight, bias), backward)
-    return (t, m, r) if return_stats else t
+def _norm_function(func, arguments):
+    """Tensor.__fastnorm_function__: forwards go on the tape, backwards run on the arrays."""
+    if func.__name__.endswith("_backward"):
+        return func(**{k: _data(v) for k, v in arguments.items()})
+    return _record(func, arguments)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False,
-             backend=None):
-    """:func:`fastnorm.rms_norm` on the tape (analytic backward)."""
-    x, w, out = _data(input), _data(weight), _norm_out(out)
-    if _needs(input, weight):
-        _check_out(out, x)
-    y, r = api.rms_norm(x, normalized_shape, w, eps, out=out, return_stats=True,
-                        backend=backend)
-
-    def backward(g):
-        return api.rms_norm_backward(g, x, r, w, normalized_shape=normalized_shape,
-                                     backend=backend)
-    t = _node(y, (input, weight), backward)
-    return (t, r) if return_stats else t
-
-
-# The backward functions take Tensors too: unwrapped, no double backward.
-
-def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True, *, axis=1,
-                        has_bias=True, backend=None):
-    """:func:`fastnorm.batch_norm_backward` on Tensor arguments (returns ndarrays)."""
-    return api.batch_norm_backward(_data(grad_out), _data(input), _data(mean), _data(rstd),
-                                   _data(weight), training, axis=axis, has_bias=has_bias,
-                                   backend=backend)
-
-
-def instance_norm_backward(grad_out, input, mean, rstd, weight=None, use_input_stats=True, *,
-                           axis=1, has_bias=True, backend=None):
-    """:func:`fastnorm.instance_norm_backward` on Tensor arguments (returns ndarrays)."""
-    return api.instance_norm_backward(_data(grad_out), _data(input), _data(mean), _data(rstd),
-                                      _data(weight), use_input_stats, axis=axis,
-                                      has_bias=has_bias, backend=backend)
-
-
-def group_norm_backward(grad_out, input, mean, rstd, weight=None, *, num_groups, axis=1,
-                        has_bias=True, backend=None):
-    """:func:`fastnorm.group_norm_backward` on Tensor arguments (returns ndarrays)."""
-    return api.group_norm_backward(_data(grad_out), _data(input), _data(mean), _data(rstd),
-                                   _data(weight), num_groups=num_groups, axis=axis,
-                                   has_bias=has_bias, backend=backend)
-
-
-def layer_norm_backward(grad_out, input, mean, rstd, weight=None, *, normalized_shape=None,
-                        has_bias=True, backend=None):
-    """:func:`fastnorm.layer_norm_backward` on Tensor arguments (returns ndarrays)."""
-    return api.layer_norm_backward(_data(grad_out), _data(input), _data(mean), _data(rstd),
-                                   _data(weight), normalized_shape=normalized_shape,
-                                   has_bias=has_bias, backend=backend)
-
-
-def rms_norm_backward(grad_out, input, rstd, weight=None, *, normalized_shape=None,
-                      backend=None):
-    """:func:`fastnorm.rms_norm_backward` on Tensor arguments (returns ndarrays)."""
-    return api.rms_norm_backward(_data(grad_out), _data(input), _data(rstd), _data(weight),
-                                 normalized_shape=normalized_shape, backend=backend)
+Tensor.__fastnorm_function__ = staticmethod(_norm_function)

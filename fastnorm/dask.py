@@ -21,8 +21,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("fastnorm.dask needs dask[array]: pip install 'fastnorm[dask]'") from e
 
-from . import _dispatch
-from .moments import Moments, _axes, moments as _np_moments
+from . import _checks, _dispatch
+from .moments import Moments, moments as _np_moments
 
 __all__ = ["moments", "Standardizer"]
 
@@ -102,7 +102,7 @@ def moments(x, axis=None, *, split_every=None, compute=True, backend=None):
             raise TypeError(f"x must be a dask.array.Array, got {type(x).__name__}")
     if not (x.dtype.kind in "iub" or (x.dtype.kind == "f" and x.dtype.itemsize <= 8)):
         raise TypeError(f"x must be a real numeric dask array, got dtype {x.dtype}")
-    red = _axes(axis, x.ndim)
+    red = _checks.reduction_axes(axis, x.ndim)
     if backend is not None:
         _dispatch.resolve(backend)  # fail here, not on a worker
     if any(np.isnan(c) for cs in x.chunks for c in cs):
@@ -184,7 +184,7 @@ class Standardizer:
             m = _np_moments(x, self.axis)
         else:
             m = moments(x, self.axis, split_every=self.split_every)
-        self._red = _axes(self.axis, x.ndim)
+        self._red = _checks.reduction_axes(self.axis, x.ndim)
         self._shape = tuple(x.shape)
         self.moments_ = m
         self.count_ = int(m.count)

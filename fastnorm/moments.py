@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _dispatch
-from . import _geometry as geo
+from . import _checks, _dispatch
+from .reference import MOMENTS, merge_equal
 
 _F64 = np.float64
 
@@ -162,27 +162,6 @@ def _tree(parts):
 
 # ------------------------------------------------------------------ moments of an array
 
-def _axes(axis, ndim):
-    if axis is None:
-        return tuple(range(ndim))
-    if isinstance(axis, numbers.Integral):
-        axis = (axis,)
-    try:
-        axes = tuple(axis)
-    except TypeError:
-        raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}") from None
-    out = []
-    for a in axes:
-        if not isinstance(a, numbers.Integral):
-            raise TypeError(f"axis entries must be integers, got {axis!r}")
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis entries must be integers in [{-ndim}, {ndim}), got {axis!r}")
-        out.append(int(a) % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"axis has repeated entries: {axis!r}")
-    return tuple(sorted(out))
-
-
 def _data(x):
     """float32/float64 C-native array: float16 -> float32, integers/bool -> float64."""
     if not isinstance(x, np.ndarray):
@@ -223,6 +202,18 @@ def _row_split(R, M):
     return b
 
 
+def _merge_equal(mean, m2, count, axis):
+    """Chan's merge along ``axis`` of groups of equal ``count``: the MERGE_EQUAL kernel on
+    the (before, axis, after) view, which removes ``axis``."""
+    shape = mean.shape
+    P1, K = math.prod(shape[:axis]), shape[axis]
+    P2 = mean.size // (P1 * K) if K else 0
+    out_mean, out_m2 = np.empty((P1, P2)), np.empty((P1, P2))
+    merge_equal(mean.reshape(P1, K, P2), m2.reshape(P1, K, P2), count, out_mean, out_m2)
+    rest = shape[:axis] + shape[axis + 1:]
+    return out_mean.reshape(rest), out_m2.reshape(rest)
+
+
 def _view_moments(xm, runs, backend):
     """Moments over the 'r' runs of a C-contiguous array xm, runs = [(label, size)].
 
@@ -236,16 +227,16 @@ def _view_moments(xm, runs, backend):
         B = _row_split(R, M)
         mean, m2 = np.empty(R * B), np.empty(R * B)
         xv = xm.reshape(R * B, M // B)
-        _dispatch.kernel("rows_moments", backend, xm.size)(xv, mean, m2)
+        _dispatch.kernel(MOMENTS["rows"], backend, xm.size)(xv, mean, m2)
         if B > 1:
-            mean, m2 = geo.merge_equal(mean.reshape(R, B), m2.reshape(R, B), M // B, 1)
+            mean, m2 = _merge_equal(mean.reshape(R, B), m2.reshape(R, B), M // B, 1)
         grid, count = runs[:-1], M
     else:                                   # channels (P, Q, C): stats per (p, c)
         C = sizes[-1]
         Q = sizes[-2] if len(runs) >= 2 else 1
         P = xm.size // (Q * C)
         mean, m2 = np.empty((P, C)), np.empty((P, C))
-        _dispatch.kernel("channels_moments", backend, xm.size)(xm.reshape(P, Q, C), mean, m2)
+        _dispatch.kernel(MOMENTS["channels"], backend, xm.size)(xm.reshape(P, Q, C), mean, m2)
         grid, count = runs[:-2] + runs[-1:], Q
     return mean.reshape([s for _, s in grid]), m2.reshape([s for _, s in grid]), grid, count
 
@@ -286,7 +277,7 @@ def moments(x, axis=None, *, keepdims=False, backend=None):
     True
     """
     x = _data(x)
-    red = _axes(axis, x.ndim)
+    red = _checks.reduction_axes(axis, x.ndim)
     backend = _dispatch.resolve(backend)
     kept = [i for i in range(x.ndim) if i not in red]
     out_shape = tuple(1 if i in red else x.shape[i] for i in range(x.ndim)) if keepdims \
@@ -314,7 +305,7 @@ def moments(x, axis=None, *, keepdims=False, backend=None):
     # merge the reduced runs the view left outside, innermost first (equal counts)
     for j in range(len(grid) - 1, -1, -1):
         if grid[j][0] == "r":
-            mean, m2 = geo.merge_equal(mean, m2, cnt, j)
+            mean, m2 = _merge_equal(mean, m2, cnt, j)
             cnt *= grid[j][1]
     # kept axes: memory order -> the user's order
     kmem = [i for i in perm if i in kept and x.shape[i] > 1]

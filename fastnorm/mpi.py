@@ -1,16 +1,20 @@
 """Synchronized batch normalization over MPI: one batch split across ranks, normalized as if
 it were one batch on one process.
 
-Forward (training): every rank computes its per-channel ``(count, mean, M2)`` with the fast
-kernels (:func:`fastnorm.moments.moments`), the triples are all-gathered and merged in rank
+It is batch norm's body (``fastnorm._norms``) with a :class:`Collective` between its phases,
+as torch's SyncBatchNorm splits ``batch_norm_stats`` / ``batch_norm_gather_stats`` /
+``batch_norm_elemt``. Forward (training): every rank computes its per-channel
+``(count, mean, M2)`` with the fast kernels; the triples are all-gathered and merged in rank
 order in the fixed tree of :meth:`Moments.merge_all`, so every rank holds the same bits of
 the global statistics. Backward: the per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``
-(the ``rows_dot``/``channels_dot`` kernels) are summed over the ranks, and each rank applies
-``dx = c1*dy + c2*(x - mean) + c3`` to its own slice with the global count.
+are summed over the ranks, and each rank applies ``dx = c1*dy + c2*(x - mean) + c3`` to its
+own slice with the global count. Sums are all-reduced as an all-gather followed by a sum in
+rank order (2·C + 1 numbers per rank): the result is the same on every rank and does not
+depend on the MPI library's reduction algorithm.
 
-The sums are all-reduced as an all-gather followed by a sum in rank order (2·C numbers per
-rank): the result is then the same on every rank and does not depend on the MPI library's
-reduction algorithm.
+:func:`sync_batch_norm` and :func:`sync_batch_norm_backward` are the functional forms
+(``fastnorm.Tensor`` arguments go on the tape); ``fastnorm.nn.SyncBatchNorm`` is the layer;
+:class:`SyncBatchNorm` here is the array-level object with explicit ``forward``/``backward``.
 
 Needs the ``[mpi]`` extra: ``pip install "fastnorm[mpi]"`` (mpi4py and the MPICH wheel,
 which also brings ``mpiexec``). Run with ``mpiexec -n 4 python train.py``.
@@ -24,14 +28,121 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("fastnorm.mpi needs mpi4py: pip install 'fastnorm[mpi]'") from e
 
-from . import _dispatch
-from . import _geometry as geo
-from . import api
-from .moments import Moments, moments
+from . import _checks, _dispatch, _norms
+from .moments import Moments
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SyncBatchNorm", "Collective", "sync_batch_norm", "sync_batch_norm_backward"]
 
-_F64 = np.float64
+
+def _comm(comm):
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"comm must be an mpi4py.MPI.Comm, got {type(comm).__name__}")
+    return comm
+
+
+class Collective:
+    """The exchanges of synchronized batch norm over ``comm``, between the body's phases.
+
+    ``moments(mean, m2, count)``: this rank's statistics units (1, C) of ``count`` elements
+    each -> the merge over every rank. ``sums(sdy, sdx, count)``: this rank's per-channel
+    backward sums (1, C) -> their totals over every rank, and the global count. Collective:
+    every rank calls them in the same order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm.mpi import Collective, MPI
+    >>> mean, m2, n = Collective(MPI.COMM_SELF).moments(np.ones((1, 2)), np.zeros((1, 2)), 4)
+    >>> mean, n
+    (array([[1., 1.]]), 4)
+    """
+
+    def __init__(self, comm=None):
+        self.comm = _comm(comm)
+
+    def _gather(self, count, *rows):
+        send = np.concatenate([np.array([float(count)])] + [np.ravel(r) for r in rows])
+        recv = np.empty((self.comm.Get_size(), send.size))
+        self.comm.Allgather(send, recv)
+        return recv
+
+    def moments(self, mean, m2, count):
+        C = mean.size
+        recv = self._gather(count, mean, m2)
+        parts = [Moments(np.int64(r[0]), r[1:C + 1], r[C + 1:]) if r[0] else
+                 Moments.empty((C,)) for r in recv]
+        g = Moments.merge_all(parts)
+        return g.mean.reshape(1, C), g.m2.reshape(1, C), int(g.count)
+
+    def sums(self, sdy, sdx, count):
+        C = sdy.size
+        tot = self._gather(count, sdy, sdx).sum(axis=0)   # rank order: same bits everywhere
+        return tot[1:C + 1].reshape(1, C), tot[C + 1:].reshape(1, C), int(tot[0])
+
+
+def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5, *, comm=None, axis=1, out=None, return_stats=False,
+                    num_batches_tracked=None, backend=None):
+    """:func:`fastnorm.batch_norm` with the batch statistics of every rank of ``comm``
+    (training only; eval normalizes with the running statistics, locally).
+
+    Arguments as :func:`fastnorm.batch_norm`; ``comm`` is an mpi4py communicator (default
+    ``MPI.COMM_WORLD``). Collective when ``training``: every rank calls it, a rank without
+    samples with an empty batch. ``running_var`` receives the unbiased variance over the
+    global count.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm.mpi import sync_batch_norm, MPI
+    >>> x = np.random.default_rng(0).normal(2, 3, (8, 3))
+    >>> y = sync_batch_norm(x, None, None, training=True, comm=MPI.COMM_SELF)
+    >>> bool(abs(y.mean(axis=0)).max() < 1e-12)
+    True
+    """
+    h = _dispatch.handler(input, weight, bias, running_mean, running_var, out, num_batches_tracked)
+    if h is not None:
+        return h(sync_batch_norm, dict(
+            input=input, running_mean=running_mean, running_var=running_var, weight=weight,
+            bias=bias, training=training, momentum=momentum, eps=eps, comm=comm, axis=axis,
+            out=out, return_stats=return_stats, num_batches_tracked=num_batches_tracked,
+            backend=backend))
+    collective = Collective(comm) if _checks.flag(training, "training") else None
+    return _norms.batch_norm(input, running_mean, running_var, weight, bias, training,
+                             momentum, eps, axis=axis, out=out, return_stats=return_stats,
+                             num_batches_tracked=num_batches_tracked, backend=backend,
+                             collective=collective)
+
+
+def sync_batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True, *,
+                             comm=None, axis=1, has_bias=True, backend=None):
+    """Gradients of :func:`sync_batch_norm`: ``(grad_x, grad_weight, grad_bias)``.
+
+    grad_x is this rank's slice of the gradient of the loss summed over every rank;
+    grad_weight and grad_bias are this rank's share, as torch's SyncBatchNorm returns them
+    (a data-parallel wrapper sums or averages them over the ranks with every other
+    parameter's gradient). Collective when ``training``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm.mpi import sync_batch_norm, sync_batch_norm_backward, MPI
+    >>> x = np.random.default_rng(0).normal(size=(8, 3))
+    >>> y, m, r = sync_batch_norm(x, None, None, training=True, comm=MPI.COMM_SELF,
+    ...                           return_stats=True)
+    >>> gx, gw, gb = sync_batch_norm_backward(np.ones_like(y), x, m, r, comm=MPI.COMM_SELF)
+    >>> float(abs(gx).max()) < 1e-12, gb
+    (True, array([8., 8., 8.]))
+    """
+    h = _dispatch.handler(grad_out, input, mean, rstd, weight)
+    if h is not None:
+        return h(sync_batch_norm_backward, dict(
+            grad_out=grad_out, input=input, mean=mean, rstd=rstd, weight=weight,
+            training=training, comm=comm, axis=axis, has_bias=has_bias, backend=backend))
+    collective = Collective(comm) if _checks.flag(training, "training") else None
+    return _norms.batch_norm_backward(grad_out, input, mean, rstd, weight, training, axis=axis,
+                                      has_bias=has_bias, backend=backend, collective=collective)
 
 
 class SyncBatchNorm:
@@ -92,24 +203,18 @@ class SyncBatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, comm=None, *, axis=1, dtype=np.float32,
                  backend=None):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if momentum is not None and not isinstance(momentum, numbers.Real):
-            raise TypeError(f"momentum must be a number or None, got {type(momentum).__name__}")
+        C = self.num_features = _checks.integer(num_features, "num_features", 1)
+        self.eps = _checks.eps(eps)
+        _checks.momentum(momentum, np.zeros((), np.int64))
+        self.momentum = momentum
         if not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {axis!r}")
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        self.num_features = C = int(num_features)
-        self.eps = api._eps(eps)
-        self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.comm = MPI.COMM_WORLD if comm is None else comm
-        if not isinstance(self.comm, MPI.Comm):
-            raise TypeError(f"comm must be an mpi4py.MPI.Comm, got {type(self.comm).__name__}")
+        self.comm = _comm(comm)
         self.axis = int(axis)
         self.backend = backend
         self.weight = np.ones(C, dtype) if affine else None
@@ -140,91 +245,45 @@ class SyncBatchNorm:
     def __call__(self, x):
         return self.forward(x)
 
-    # ------------------------------------------------------------------------ forward
-    def _global_moments(self, x, ax, backend):
-        """Local (count, mean, M2) per channel -> merged over the ranks in rank order."""
-        C = self.num_features
-        red = tuple(i for i in range(x.ndim) if i != ax)
-        local = moments(x, red, backend=backend)
-        send = np.empty(2 * C + 1)
-        send[0], send[1:C + 1], send[C + 1:] = local.count, local.mean, local.m2
-        recv = np.empty((self.comm.Get_size(), 2 * C + 1))
-        self.comm.Allgather(send, recv)
-        parts = [Moments(np.int64(r[0]), r[1:C + 1], r[C + 1:]) for r in recv]
-        return Moments.merge_all(parts)
-
     def forward(self, x):
         """Normalize ``x`` (this rank's slice of the batch); collective in training mode.
 
         Returns y with x's shape and dtype.
         """
-        x = api._input(x, "input", 2)
-        ax = api._axis(self.axis, x.ndim)
-        C = self.num_features
-        if x.shape[ax] != C:
-            raise ValueError(f"input must have {C} channels on axis {self.axis}, "
-                             f"got shape {x.shape}")
-        backend = _dispatch.resolve(self.backend)
+        if hasattr(x, "shape") and hasattr(x, "ndim") and x.ndim >= 2:
+            ax = _checks.axis(self.axis, x.ndim)
+            if x.shape[ax] != self.num_features:
+                raise ValueError(f"input must have {self.num_features} channels on axis "
+                                 f"{self.axis}, got shape {x.shape}")
         batch_stats = self.training or self.running_mean is None
-        if batch_stats:
-            g = self._global_moments(x, ax, backend)
-            n = int(g.count)
-            if n <= 1:
-                raise ValueError("Expected more than 1 value per channel when training, "
-                                 f"got {n} over all ranks (input size {x.shape} here)")
-            mean, var = g.mean, np.maximum(g.m2 / n, 0.0)
-            if self.training and self.running_mean is not None:
-                self.num_batches_tracked += 1
-                mom = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                       else self.momentum)
-                rm, rv = self.running_mean, self.running_var
-                rm[...] = (1.0 - mom) * rm + mom * mean
-                rv[...] = (1.0 - mom) * rv + mom * (g.m2 / (n - 1))
-        else:
-            n = 0
-            mean, var = self.running_mean.astype(_F64), self.running_var.astype(_F64)
-        # the local normalize pass: batch_norm's eval path with these statistics
-        y = api.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps,
-                           axis=ax, backend=backend)
-        rstd = 1.0 / np.sqrt(var + self.eps)
-        self._saved = (x, ax, mean, rstd, n, batch_stats)
+        update = self.training and self.running_mean is not None
+        y, mean, rstd = sync_batch_norm(
+            x, self.running_mean if not batch_stats or update else None,
+            self.running_var if not batch_stats or update else None, self.weight, self.bias,
+            batch_stats, self.momentum, self.eps, comm=self.comm, axis=self.axis,
+            return_stats=True, num_batches_tracked=self.num_batches_tracked if update else None,
+            backend=self.backend)
+        self._saved = (x, mean, rstd, batch_stats)
         return y
 
-    # ----------------------------------------------------------------------- backward
     def backward(self, grad_out):
-        """Gradient w.r.t. this rank's input; sets ``grad_weight``/``grad_bias``. Collective.
+        """Gradient w.r.t. this rank's input; sets ``grad_weight``/``grad_bias`` (over every
+        rank). Collective.
 
         Returns grad_x with the input's shape and dtype.
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
-        x, ax, mean, rstd, n, batch_stats = self._saved
-        C, T = self.num_features, api._compute_dtype(x)
-        backend = _dispatch.resolve(self.backend)
-        xw, lay = geo.layout(x.astype(T, copy=False), ax)
-        dy = api._like(grad_out, xw, lay, "grad_out")
-        kind, shape, A = geo.batch_geometry(lay, ax)
-        dx = lay.empty(T)
-        xv, dyv, dxv = lay.view(xw, shape), lay.view(dy, shape), lay.view(dx, shape)
-        per = (A, C) if kind == "rows" else (1, C)
-        mean_s = api._spread(mean, per, kind)
-        send = np.zeros(2 * C)
-        if x.size:                                    # local sum(dy), sum(dy * (x - mean))
-            sdy, sdx = api._dot(kind, dyv, xv, mean_s, backend)
-            send[:C], send[C:] = sdy.reshape(per).sum(axis=0), sdx.reshape(per).sum(axis=0)
-        recv = np.empty((self.comm.Get_size(), 2 * C))
-        self.comm.Allgather(send, recv)
-        tot = recv.sum(axis=0)                        # rank order: same bits on every rank
-        sdy, sdx = tot[:C], tot[C:]
-        wv = np.ones(C) if self.weight is None else self.weight.astype(_F64)
-        if batch_stats:
-            c1, c2, c3 = api._backward_coefs(wv, rstd, wv * sdy, wv * sdx, n)
-        else:                                         # running statistics are constants
-            c1, c2, c3 = wv * rstd, np.zeros(C), np.zeros(C)
-        if x.size:
-            api._bwd_apply(kind, dyv, xv, mean_s, *[api._spread(c, per, kind)
-                                                    for c in (c1, c2, c3)], dxv, backend)
-        if self.affine:
-            self.grad_weight = (sdx * rstd).astype(self.weight.dtype)
-            self.grad_bias = sdy.astype(self.bias.dtype)
-        return dx.astype(x.dtype, copy=False)
+        x, mean, rstd, batch_stats = self._saved
+        gx, gw, gb = sync_batch_norm_backward(grad_out, x, mean, rstd, self.weight,
+                                              batch_stats, comm=self.comm, axis=self.axis,
+                                              has_bias=self.affine, backend=self.backend)
+        if self.affine:      # this rank's shares -> the whole batch's, in rank order
+            C = self.num_features
+            send = np.concatenate([gw, gb]).astype(np.float64)
+            recv = np.empty((self.comm.Get_size(), 2 * C))
+            self.comm.Allgather(send, recv)
+            tot = recv.sum(axis=0)
+            self.grad_weight = tot[:C].astype(self.weight.dtype)
+            self.grad_bias = tot[C:].astype(self.bias.dtype)
+        return gx

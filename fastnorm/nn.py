@@ -16,15 +16,16 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import _checks, api
 from . import autograd as ag
-from .api import _as_shape
 from .autograd import Tensor, no_grad
 
 __all__ = ["Parameter", "Module", "Sequential", "ModuleList", "ModuleDict", "Linear",
            "CosineLinear", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout",
            "ReLU", "Sigmoid", "Tanh", "GELU", "SiLU", "Identity", "Flatten", "CrossEntropyLoss",
            "MSELoss",
-           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d",
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+           "convert_sync_batchnorm", "InstanceNorm1d", "InstanceNorm2d",
            "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm",
            "weight_norm", "remove_weight_norm", "fold_batch_norm", "fuse_linear_bn"]
 
@@ -1042,15 +1043,22 @@ class _BatchNorm(_NormBase):
     def forward(self, x):
         x = _as_tensor(x)
         self._check_input_dim(x)
+        ax = self.axis % x.ndim
+        if x.shape[ax] != self.num_features:
+            raise ValueError(f"expected input's size at dim={ax} to match num_features "
+                             f"({self.num_features}), but got: {x.shape[ax]}.")
         use_batch = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
         # torch: momentum=None is the cumulative average 1/num_batches_tracked, counted
         # (by the functional form, in place) on every training call.
-        return ag.batch_norm(
+        return self._function(
             x, self.running_mean if not self.training or update else None,
             self.running_var if not self.training or update else None,
             self.weight, self.bias, use_batch, self.momentum, self.eps, axis=self.axis,
             num_batches_tracked=self.num_batches_tracked if update else None)
+
+    def _function(self, *args, **kwargs):
+        return api.batch_norm(*args, **kwargs)
 
 
 class BatchNorm1d(_BatchNorm):
@@ -1107,6 +1115,81 @@ class BatchNorm3d(_BatchNorm):
     _ndims = (5,)
 
 
+class SyncBatchNorm(_BatchNorm):
+    """Batch normalization whose statistics span every rank of an MPI communicator,
+    torch's ``SyncBatchNorm``: each rank passes its slice of the batch; the layer normalizes
+    as if the whole batch were on one process (``fastnorm.mpi``). Input of any rank >= 2.
+
+    Arguments as :class:`BatchNorm1d`, plus ``process_group``: an mpi4py communicator
+    (default ``MPI.COMM_WORLD``; needs the ``[mpi]`` extra). Training calls are collective:
+    every rank of the group calls forward and backward in the same order. The parameters'
+    gradients are this rank's share, as torch's; a data-parallel step sums or averages them
+    over the ranks. :func:`convert_sync_batchnorm` turns a model's batch norms into these.
+
+    Examples
+    --------
+    Under ``mpiexec -n 2 python train.py`` the statistics cover both ranks' batches; on one
+    process it is batch norm:
+
+    >>> import numpy as np
+    >>> from fastnorm import nn
+    >>> from fastnorm.mpi import MPI
+    >>> bn = nn.SyncBatchNorm(3, process_group=MPI.COMM_SELF)
+    >>> y = bn(np.random.default_rng(0).normal(4, 2, (8, 3, 5)).astype(np.float32))
+    >>> y.shape, int(bn.num_batches_tracked)
+    ((8, 3, 5), 1)
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, dtype=None, *, bias=True,
+                 axis=1):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
+                         bias=bias, axis=axis)
+        self.process_group = process_group
+
+    def _check_input_dim(self, x):
+        if x.ndim < 2:
+            raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+
+    def _function(self, *args, **kwargs):
+        from . import mpi   # mpi4py is an optional extra
+        return mpi.sync_batch_norm(*args, comm=self.process_group, **kwargs)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """torch's spelling of :func:`convert_sync_batchnorm`."""
+        return convert_sync_batchnorm(module, process_group)
+
+
+def convert_sync_batchnorm(module, process_group=None):
+    """``module`` with every BatchNorm1d/2d/3d (itself or a descendant) replaced by a
+    :class:`SyncBatchNorm` sharing its parameters and running statistics (torch's
+    ``SyncBatchNorm.convert_sync_batchnorm``). Returns the converted module (``module``
+    itself, its batch-norm children replaced, unless it is a batch norm).
+
+    Examples
+    --------
+    >>> from fastnorm import nn
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU())
+    >>> net = nn.convert_sync_batchnorm(net)
+    >>> type(net[1]).__name__, list(net.state_dict())[2:4]
+    ('SyncBatchNorm', ['1.weight', '1.bias'])
+    """
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group, axis=module.axis)
+        for name in ("weight", "bias"):
+            out.register_parameter(name, module._parameters[name])
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            out.register_buffer(name, module._buffers[name])
+        out.training = module.training
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            out._modules[name] = convert_sync_batchnorm(child, process_group)
+    return out
+
+
 class _InstanceNorm(_NormBase):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
                  track_running_stats=False, dtype=None, *, bias=True, axis=1):
@@ -1129,9 +1212,9 @@ class _InstanceNorm(_NormBase):
         # torch: batch statistics unless eval mode with tracked stats; momentum None is 0
         # (frozen running stats) and num_batches_tracked is never counted.
         use_input = self.training or not self.track_running_stats
-        y = ag.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             use_input, 0.0 if self.momentum is None else self.momentum,
-                             self.eps, axis=ax)
+        y = api.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                              use_input, 0.0 if self.momentum is None else self.momentum,
+                              self.eps, axis=ax)
         return y.reshape(y.shape[1:]) if unbatched else y
 
 
@@ -1163,7 +1246,7 @@ class InstanceNorm3d(_InstanceNorm):
 
 
 def _norm_shape(normalized_shape):
-    ns = _as_shape(normalized_shape)
+    ns = _checks.normalized_shape(normalized_shape)
     if not ns or min(ns) < 1:
         raise ValueError(f"normalized_shape must be non-empty and positive, got {ns}")
     return ns
@@ -1209,8 +1292,8 @@ class LayerNorm(Module):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        return ag.layer_norm(_as_tensor(x), self.normalized_shape, self.weight, self.bias,
-                             self.eps)
+        return api.layer_norm(_as_tensor(x), self.normalized_shape, self.weight, self.bias,
+                              self.eps)
 
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, "
@@ -1252,8 +1335,8 @@ class GroupNorm(Module):
             self.register_parameter("bias", None)
 
     def forward(self, x):
-        return ag.group_norm(_as_tensor(x), self.num_groups, self.weight, self.bias, self.eps,
-                             axis=self.axis)
+        return api.group_norm(_as_tensor(x), self.num_groups, self.weight, self.bias, self.eps,
+                              axis=self.axis)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -1283,7 +1366,7 @@ class RMSNorm(Module):
             self.register_parameter("weight", None)
 
     def forward(self, x):
-        return ag.rms_norm(_as_tensor(x), self.normalized_shape, self.weight, self.eps)
+        return api.rms_norm(_as_tensor(x), self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, "

@@ -410,6 +410,128 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
     rstd[...] = r
 
 
-KERNELS = ("rows_fwd", "rows_fwd_grouped", "rows_bwd", "rows_moments", "rows_scale_shift",
-           "rows_dot", "rows_bwd_apply", "rows_bwd_grouped", "channels_moments",
-           "channels_scale_shift", "channels_dot", "channels_bwd_apply", "channels_fwd_grouped")
+# ----------------------------------------------------------------------------------------
+# Phase kernels: the small per-unit steps between the data kernels (statistics -> per-channel
+# coefficients -> apply; backward: reductions -> coefficients -> apply). A statistics "unit" is
+# a row of (Pg, G): batch norm (1, C), instance norm (N, C), group norm (N, G). The apply
+# kernels want per-(P', C) values, P' the outer extent of the view (batch norm rows: A, batch
+# norm channels: 1, instance/group norm: N); channel c belongs to group c // cg, and unit row
+# pg serves view row p' (pg = p' when Pg > 1, else 0). O(C) work: the CPU backends share these
+# NumPy versions; a device backend (CUDA) registers its own with these signatures.
+# ----------------------------------------------------------------------------------------
+
+
+def merge_equal(mean, m2, count, out_mean, out_m2):
+    # IN mean, m2 (P1, K, P2) float64, K groups of ``count`` elements each
+    # OUT out_mean, out_m2 (P1, P2): Chan's merge over K (exact form for equal counts)
+    add = np.add.reduce  # = .sum(axis), without its Python wrapper
+    mu = add(mean, axis=1, keepdims=True) / mean.shape[1]
+    d = mean - mu
+    out_m2[...] = add(m2, axis=1) + count * add(d * d, axis=1)
+    out_mean[...] = mu[:, 0]
+
+
+def finalize(mean, m2, count, eps, clamp, weight, bias, cg, mean_s, alpha_s, beta_s,
+             mean_out, rstd_out):
+    # IN unit statistics mean, m2 (Pg, G) (variance m2 / count, clamped at 0 if ``clamp``)
+    #    weight, bias (C,) or None
+    # OUT mean_s, alpha_s, beta_s (P', C) float64: y = (x - mean_s) * alpha_s + beta_s
+    #     mean_out, rstd_out (Pg, G) in the output dtype
+    var = m2 / count
+    if clamp:
+        var = np.maximum(var, 0.0)
+    rstd = 1.0 / np.sqrt(var + eps)
+    mean_c, rstd_c = (mean, rstd) if cg == 1 else (np.repeat(mean, cg, 1), np.repeat(rstd, cg, 1))
+    mean_s[...] = mean_c
+    alpha_s[...] = rstd_c if weight is None else rstd_c * weight
+    beta_s[...] = 0.0 if bias is None else bias
+    mean_out[...] = mean
+    rstd_out[...] = rstd
+
+
+def running_update(mean, m2, denom, keep, take, running_mean, running_var):
+    # IN batch statistics mean, m2 (P, C) (variance m2 / denom), averaged over P
+    # OUT running_mean, running_var (C,) in place: keep * running + take * batch
+    P = mean.shape[0]
+    add = np.add.reduce
+    running_mean[...] = keep * running_mean + take * (add(mean, axis=0) / P)
+    running_var[...] = keep * running_var + take * (add(m2 / denom, axis=0) / P)
+
+
+def spread(v, cg, out):
+    # IN v (Pg, G)   OUT out (P', C) float64: out[p, c] = v[p or 0, c // cg]
+    out[...] = v if cg == 1 else np.repeat(v, cg, axis=1)
+
+
+def column_sums(part, out):
+    # IN part (B, M) float64   OUT out (M,): the sums over b
+    out[...] = np.add.reduce(part, axis=0)
+
+
+def group_sums(sdy, sdx, weight, cg, sg, sgx):
+    # IN unit sums of dy and dy * (x - mean) (Pg, C), weight (C,) or None
+    # OUT sg, sgx (Pg, G): sums of g = weight * dy and g * (x - mean) over each group
+    wdy, wdx = (sdy, sdx) if weight is None else (weight * sdy, weight * sdx)
+    Pg, G = sg.shape
+    sg[...] = wdy if cg == 1 else wdy.reshape(Pg, G, cg).sum(axis=2)
+    sgx[...] = wdx if cg == 1 else wdx.reshape(Pg, G, cg).sum(axis=2)
+
+
+def backward_coefs(weight, rstd, sg, sgx, n, training, cg, c1, c2, c3):
+    # IN rstd, sg, sgx (Pg, G); n elements per unit; weight (C,) or None
+    # OUT c1, c2, c3 (P', C): dx = c1*dy + c2*(x - mean) + c3
+    #     = rstd * (w*dy - sum(g)/n - xhat * sum(g*xhat)/n); eval mode (running statistics
+    #     are constants): dx = w * rstd * dy
+    rep = (lambda v: v) if cg == 1 else (lambda v: np.repeat(v, cg, axis=1))
+    rstd_c = rep(rstd)
+    c1[...] = rstd_c if weight is None else weight * rstd_c
+    if training:
+        c2[...] = rep(-(rstd ** 3) * sgx / n)
+        c3[...] = rep(-rstd * sg / n)
+    else:
+        c2[...] = 0.0
+        c3[...] = 0.0
+
+
+def weight_grads(sdy, sdx, rstd, cg, gw, gb):
+    # IN unit sums sdy, sdx (Pg, C), rstd (Pg, G)
+    # OUT gw = sum_pg sdx * rstd, gb = sum_pg sdy (C,), each may be None
+    if gw is not None:
+        rstd_c = rstd if cg == 1 else np.repeat(rstd, cg, axis=1)
+        gw[...] = np.add.reduce(sdx * rstd_c, axis=0)
+    if gb is not None:
+        gb[...] = np.add.reduce(sdy, axis=0)
+
+
+# ----------------------------------------------------------------------------------------
+# The table's keys (fastnorm._dispatch): one name per kernel, spelled the same in Python,
+# Cython (``_<name>_t``), C (``fn_<name>...``) and CUDA (``_<name>_k``).
+# ----------------------------------------------------------------------------------------
+
+ROWS_FWD = "rows_fwd"
+ROWS_FWD_GROUPED = "rows_fwd_grouped"
+ROWS_BWD = "rows_bwd"
+ROWS_BWD_GROUPED = "rows_bwd_grouped"
+CHANNELS_FWD_GROUPED = "channels_fwd_grouped"
+CHANNELS_EVAL = "channels_eval"          # fused eval batch norm; composed where absent
+MOMENTS = {"rows": "rows_moments", "channels": "channels_moments"}
+SCALE_SHIFT = {"rows": "rows_scale_shift", "channels": "channels_scale_shift"}
+DOT = {"rows": "rows_dot", "channels": "channels_dot"}
+BWD_APPLY = {"rows": "rows_bwd_apply", "channels": "channels_bwd_apply"}
+MERGE_EQUAL = "merge_equal"
+FINALIZE = "finalize"
+RUNNING_UPDATE = "running_update"
+SPREAD = "spread"
+COLUMN_SUMS = "column_sums"
+GROUP_SUMS = "group_sums"
+BACKWARD_COEFS = "backward_coefs"
+WEIGHT_GRADS = "weight_grads"
+
+# data kernels: every backend provides each
+KERNELS = (ROWS_FWD, ROWS_FWD_GROUPED, ROWS_BWD, MOMENTS["rows"], SCALE_SHIFT["rows"],
+           DOT["rows"], BWD_APPLY["rows"], ROWS_BWD_GROUPED, MOMENTS["channels"],
+           SCALE_SHIFT["channels"], DOT["channels"], BWD_APPLY["channels"],
+           CHANNELS_FWD_GROUPED)
+# phase kernels: the CPU backends share the twins above; a device backend provides its own
+PHASES = (MERGE_EQUAL, FINALIZE, RUNNING_UPDATE, SPREAD, COLUMN_SUMS, GROUP_SUMS,
+          BACKWARD_COEFS, WEIGHT_GRADS)

@@ -21,8 +21,9 @@ if not SIMULATOR and os.environ.get("FASTNORM_CUDA_DEVICE") != "1":  # pragma: n
 from numba import cuda  # noqa: E402
 
 import fastnorm as fn  # noqa: E402
-from fastnorm import _cuda, reference as ref  # noqa: E402
+from fastnorm import _cuda, _dispatch, reference as ref  # noqa: E402
 from conftest import assert_close  # noqa: E402
+from kernel_cases import check_entry  # noqa: E402
 
 DTYPES = (np.float32, np.float64)
 rng = np.random.default_rng(1234)
@@ -123,6 +124,19 @@ def test_kernels_match_reference_twins(dtype):
             if o is not None:
                 assert_close(d.copy_to_host(), o, dtype, f"{name} output {i} {np.dtype(dtype)}")
     assert seen == set(ref.KERNELS) == set(_cuda.KERNELS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ref.KERNELS + ref.PHASES + tuple(_dispatch.FUSED))
+def test_table_entry_matches_its_twin(name, dtype):
+    """The table-wide cases of tests/kernel_cases.py (as tests/test_kernels.py runs them on
+    the CPU backends) on the cuda backend's entries: data, phase and fused kernels."""
+    _dispatch.resolve("cuda")
+    fns = _dispatch.entry(name, "cuda")[:1]          # one entry: the GPU has no thread count
+    n = check_entry(name, fns, _dispatch.twin(name), dtype, "tiny", variants=("offset",),
+                    to_device=cuda.to_device, to_host=lambda d: d.copy_to_host(),
+                    same_bits=False)
+    assert n >= 1
 
 
 def test_deterministic_and_constant_channel_exact():

@@ -140,6 +140,42 @@ def central_differences(sizes, tail, axis):
     check("central differences, weight and bias", gw @ vw + gb @ vb, (lp - lm) / (2 * h), 1e-7)
 
 
+def tape_case(name, sizes, tail, axis, steps=3):
+    """fastnorm.nn.SyncBatchNorm on the tape against nn.BatchNorm on the whole batch: this
+    rank's slice of y and of the input gradient, the parameter gradients summed over the
+    ranks (each rank's share, as torch's), and the running statistics, step by step."""
+    from fastnorm import Tensor, nn
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    C = tail[0] if axis == 1 else tail[-1]
+    N = sum(sizes)
+    sl = rank_slices(sizes)
+    sync = nn.SyncBatchNorm(C, momentum=0.2, process_group=comm, axis=axis, dtype=np.float64)
+    one = nn.BatchNorm1d(C, momentum=0.2, axis=axis, dtype=np.float64)
+    one._check_input_dim = lambda x: None          # any rank, as SyncBatchNorm
+    for m in (sync, one):
+        m.weight.data[...] = np.linspace(0.5, 2.0, C)
+        m.bias.data[...] = np.linspace(-1.0, 1.0, C)
+    for step in range(steps):
+        X = rng.normal(3.0, 2.0, (N,) + tail)
+        G = rng.normal(size=X.shape)
+        for m in (sync, one):
+            m.zero_grad()
+        t = Tensor(X[sl], requires_grad=True)
+        y = sync(t)
+        (y * Tensor(G[sl])).sum().backward()
+        T = Tensor(X, requires_grad=True)
+        ye = one(T)
+        (ye * Tensor(G)).sum().backward()
+        tag = f"tape {name} step {step}"
+        check(f"{tag} y", y.data, ye.data[sl], 1e-12)
+        check(f"{tag} grad_x", t.grad, T.grad[sl], 1e-12)
+        for p in ("weight", "bias"):
+            total = comm.allreduce(getattr(sync, p).grad, op=MPI.SUM)
+            check(f"{tag} grad {p} summed over ranks", total, getattr(one, p).grad, 1e-12)
+        for b in ("running_mean", "running_var"):
+            check(f"{tag} {b}", getattr(sync, b), getattr(one, b), 1e-12)
+
+
 def main():
     if size != 2:
         raise SystemExit("run with mpiexec -n 2")
@@ -151,6 +187,8 @@ def main():
     run_case("float32 uneven", [6, 2], (3, 8), 1, np.float32, 0.1, True, 2e-5)
     central_differences([3, 5], (2, 6), 1)
     central_differences([0, 7], (3, 4), -1)
+    tape_case("tape nchw", [3, 5], (3, 4, 2), 1)
+    tape_case("tape channels-last, empty rank 0", [0, 6], (2, 4), -1)
 
 
 if __name__ == "__main__":

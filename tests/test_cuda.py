@@ -121,21 +121,22 @@ def _ptx_main():
                 sigs.append(("_rows_fwd_k", (x2, w, b, f64, b1, x2, t1, t1)))
             sigs.append(("_rows_bwd_dx_k", (x2, x2, t1, t1, w, b1, x2)))
             sigs.append(("_finalize_k", (d2, d2, f64, f64, b1, w, w, i8, d2, d2, d2, x2, x2)))
-            sigs.append(("_bwd_coefs_k", (w, x2, d2, d2, f64, b1, i8, d2, d2, d2)))
+            sigs.append(("_backward_coefs_k", (w, x2, d2, d2, f64, b1, i8, d2, d2, d2)))
         for dw, db in ((d2, d2), (N, d2), (d2, N)):
-            sigs.append(("_rows_wgrad_part_k", (x2, x2, t1, t1, i8, dw, db)))
+            sigs.append(("_rows_bwd_wgrad_part_k", (x2, x2, t1, t1, i8, dw, db)))
         sigs += [("_rows_moments_k", (x2, d1, d1)), ("_rows_dot_k", (x2, x2, d1, d1, d1)),
                  ("_rows_scale_shift_k", (x2, d1, d1, d1, x2)),
                  ("_rows_bwd_apply_k", (x2, x2, d1, d1, d1, d1, x2)),
-                 ("_ch_moments_part_k", (x3, d3, d3)), ("_ch_dot_part_k", (x3, x3, d2, d3, d3)),
-                 ("_ch_scale_shift_k", (x3, d2, d2, d2, x3)),
-                 ("_ch_bwd_apply_k", (x3, x3, d2, d2, d2, d2, x3)),
+                 ("_channels_moments_part_k", (x3, d3, d3)),
+                 ("_channels_dot_part_k", (x3, x3, d2, d3, d3)),
+                 ("_channels_scale_shift_k", (x3, d2, d2, d2, x3)),
+                 ("_channels_bwd_apply_k", (x3, x3, d2, d2, d2, d2, x3)),
                  ("_finalize_k", (x2, x2, f64, f64, b1, d1, N, i8, d2, d2, d2, x2, x2)),
-                 ("_running_k", (d2, d2, f64, f64, t1, t1)),
-                 ("_wgrad_k", (d2, d2, x2, i8, t1, t1)), ("_wgrad_k", (d2, d2, x2, i8, N, t1)),
-                 ("_colsum_k", (d2, t1)), ("_spread_k", (x2, i8, d2))]
-    sigs += [("_ch_moments_merge_k", (d3, d3, i8, d2, d2)), ("_sum_mid_k", (d3, d3, d2, d2)),
-             ("_merge_equal_k", (d3, d3, f64, d2, d2)),
+                 ("_running_update_k", (d2, d2, f64, f64, f64, t1, t1)),
+                 ("_weight_grads_k", (d2, d2, x2, i8, t1, t1)),
+                 ("_weight_grads_k", (d2, d2, x2, i8, N, t1)),
+                 ("_column_sums_k", (d2, t1)), ("_spread_k", (x2, i8, d2))]
+    sigs += [("_channels_moments_merge_k", (d3, d3, i8, d2, d2)), ("_sum_mid_k", (d3, d3, d2, d2)),
              ("_group_sums_k", (d2, d2, d1, i8, d2, d2)),
              ("_group_sums_k", (d2, d2, N, i8, d2, d2))]
     shfl = 0

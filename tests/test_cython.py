@@ -214,7 +214,7 @@ def test_nan_and_inf_propagate_like_the_twin(simd):
 
 @needs_cy
 def test_constant_row_gives_exactly_beta(simd):
-    # DESIGN §5: a constant row at 1e4+0.1 normalizes to exactly 0, so y is exactly bias
+    # ARCHITECTURE.md §5: a constant row at 1e4+0.1 normalizes to exactly 0, so y is exactly bias
     x = np.full((2, 768), 1e4 + 0.1, np.float32)
     b = np.linspace(-1, 1, 768).astype(np.float32)
     y, m, r = np.empty_like(x), np.empty(2, np.float32), np.empty(2, np.float32)
@@ -592,7 +592,7 @@ def test_multiprocessing_fork_after_parallel_calls():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
 def test_fork_guard_is_needed_for_numba_omp():
     # The guard is not decorative: a forked child that runs Numba's parallel kernel on the
-    # omp layer is killed (DESIGN §4). Skip where numba uses another threading layer.
+    # omp layer is killed (ARCHITECTURE.md §3). Skip where numba uses another threading layer.
     numba_mod = pytest.importorskip("numba")
     if "numba" not in fn.available_backends():
         pytest.skip("numba backend unavailable")

@@ -97,3 +97,72 @@ def test_bad_input(mpi):
     bn.forward(np.random.default_rng(0).normal(size=(4, 3)))
     with pytest.raises(ValueError, match="grad_out"):
         bn.backward(np.ones((5, 3)))
+
+
+# ------------------------------------------------- nn.SyncBatchNorm, the layer on the tape
+
+def _bn_pair(nn, mpi, C, axis):
+    """A BatchNorm2d and a SyncBatchNorm (COMM_SELF) with the same random state."""
+    rng = np.random.default_rng(3)
+    bn = nn.BatchNorm2d(C, momentum=0.3, axis=axis, dtype=np.float64)
+    sbn = nn.SyncBatchNorm(C, momentum=0.3, process_group=mpi.MPI.COMM_SELF, axis=axis,
+                           dtype=np.float64)
+    state = {"weight": rng.uniform(0.5, 2, C), "bias": rng.normal(size=C),
+             "running_mean": rng.normal(size=C), "running_var": rng.uniform(0.5, 2, C),
+             "num_batches_tracked": np.array(4, np.int64)}
+    bn.load_state_dict(state)
+    sbn.load_state_dict(state)
+    return bn, sbn
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_sync_layer_on_one_rank_is_batch_norm_on_the_tape(mpi, axis):
+    from fastnorm import Tensor, nn
+    C = 3
+    bn, sbn = _bn_pair(nn, mpi, C, axis)
+    shape = (4, C, 5, 6) if axis == 1 else (4, 5, 6, C)
+    x = np.random.default_rng(4).normal(7, 2, shape)
+    g = np.random.default_rng(5).normal(size=shape)
+    for m in (bn, sbn):
+        t = Tensor(x, requires_grad=True)
+        (m(t) * Tensor(g)).sum().backward()
+        m.grad_x = t.grad
+    np.testing.assert_array_equal(sbn.grad_x, bn.grad_x)
+    for name in ("weight", "bias"):
+        np.testing.assert_array_equal(getattr(sbn, name).grad, getattr(bn, name).grad)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(sbn.state_dict()[k], v, err_msg=k)
+    assert set(sbn.state_dict()) == {"weight", "bias", "running_mean", "running_var",
+                                     "num_batches_tracked"}
+    bn.eval(), sbn.eval()
+    np.testing.assert_array_equal(sbn(x).data, bn(x).data)
+
+
+def test_convert_sync_batchnorm_shares_state_and_keeps_keys(mpi):
+    from fastnorm import nn
+    inner = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU())
+    net = nn.Sequential(inner, nn.BatchNorm1d(3, affine=False, momentum=None), nn.Linear(3, 2))
+    net.eval()
+    keys = list(net.state_dict())
+    bn1 = inner[1]
+    out = nn.convert_sync_batchnorm(net, process_group=mpi.MPI.COMM_SELF)
+    assert out is net
+    assert type(net[0][1]) is nn.SyncBatchNorm and type(net[1]) is nn.SyncBatchNorm
+    assert type(net[0][0]) is nn.Linear and type(net[2]) is nn.Linear
+    assert net[0][1].weight is bn1.weight and net[0][1].running_mean is bn1.running_mean
+    assert net[1].momentum is None and net[1].weight is None and not net[1].training
+    assert list(net.state_dict()) == keys
+    single = nn.convert_sync_batchnorm(nn.BatchNorm2d(5), mpi.MPI.COMM_SELF)
+    assert type(single) is nn.SyncBatchNorm and single.process_group is mpi.MPI.COMM_SELF
+    assert nn.SyncBatchNorm.convert_sync_batchnorm(single) is single
+
+
+def test_sync_layer_checks_its_input(mpi):
+    from fastnorm import nn
+    sbn = nn.SyncBatchNorm(3, process_group=mpi.MPI.COMM_SELF)
+    with pytest.raises(ValueError, match="at least 2D"):
+        sbn(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="num_features"):
+        sbn(np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        sbn(np.ones((1, 3), np.float32))

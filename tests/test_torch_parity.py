@@ -1,6 +1,6 @@
 """torch 2.13 CPU as an extra oracle: forward, backward, running statistics, error messages.
 
-Inputs are fed to torch as contiguous float64 copies (DESIGN.md §4: torch's BN/IN backward is
+Inputs are fed to torch as contiguous float64 copies (ARCHITECTURE.md §6: torch's BN/IN backward is
 wrong for a channels-last grad_out with a contiguous input).
 """
 import numpy as np
