@@ -1151,8 +1151,8 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
 
     def _function(self, *args, **kwargs):
-        from . import mpi   # mpi4py is an optional extra
-        return mpi.sync_batch_norm(*args, comm=self.process_group, **kwargs)
+        from . import _sync   # (imports mpi4py, an optional extra, only for COMM_WORLD)
+        return _sync.sync_batch_norm(*args, comm=self.process_group, **kwargs)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
