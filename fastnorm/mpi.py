@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from . import _checks, nn
 from ._sync import Collective, comm_or_world, sync_batch_norm, sync_batch_norm_backward
 
-__all__ = ["SyncBatchNorm", "DistributedDataParallel", "Collective", "sync_batch_norm",
+__all__ = ["MPI", "SyncBatchNorm", "DistributedDataParallel", "Collective", "sync_batch_norm",
            "sync_batch_norm_backward"]
 
 
