@@ -8,7 +8,7 @@
  * best the CPU runs at import (FASTNORM_SIMD=v3 etc. to choose): one build runs on any
  * x86-64. Other architectures/compilers build the portable path (one version, 64 bytes).
  *
- * GCC does not vectorize float reductions without reassociation (DESIGN.md §4), so each
+ * GCC does not vectorize float reductions without reassociation (ARCHITECTURE.md §6), so each
  * reduction is either a `#pragma omp simd reduction(+:s)` loop or explicit vectors (below)
  * with several accumulators: the lanes hold partial sums added at the end, an order that
  * depends on the clone and the shape only (never on the thread count).
