@@ -429,7 +429,7 @@ def rows_forward(input, normalized_shape, weight, bias, eps, rms, out, return_st
     T = xp.compute_dtype(x)
     w = xp.param(weight, "weight", ns, x, T)
     b = xp.param(bias, "bias", ns, x, T)
-    eps = _checks.eps(np.finfo(x.dtype).eps if eps is None else eps)
+    eps = _checks.eps(np.finfo(x.dtype).eps if eps is None and rms else eps)
     xw, lay = xp.plan(x)
     y, final = xp.output(out, x, lay)
     if x.size:
