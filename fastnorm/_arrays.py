@@ -107,6 +107,11 @@ class Host:
             return a  # the common case, without np.require's overhead
         return np.require(_checks.vector(a, name, shape), dtype, ["C", "A"])
 
+    def param(self, a, name, shape, x, dtype=F64):
+        """weight/bias of input ``x``, checked (shape, x's dtype) and converted."""
+        return None if a is None else self.vector(_checks.parameter(a, name, shape, x), name,
+                                                  shape, dtype)
+
     def statistics(self, a, name, shape, dtype=F64):
         return self.vector(_checks.statistics(a, name, shape), name, shape, dtype)
 

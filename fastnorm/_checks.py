@@ -121,6 +121,29 @@ def vector(a, name, shape):
     return a
 
 
+HALF_KINDS = frozenset(("float16", "bfloat16"))
+
+
+def same_dtype(a, name, x):
+    """A parameter of input ``x``'s dtype, or float32 for half-precision input (mixed
+    precision, the one mix torch's CPU kernels take); anything else is torch's "mixed
+    dtype" error, not a silent cast."""
+    if a is None:
+        return
+    dt, xt = np.dtype(a.dtype), np.dtype(x.dtype)
+    if dt == xt or (xt.name in HALF_KINDS and dt == np.float32):
+        return
+    raise TypeError(f"mixed dtype: {name} is {dt.name} but the input is {xt.name}; "
+                    f"pass {name} as {xt.name}"
+                    + (" (or float32)" if xt.name in HALF_KINDS else ""))
+
+
+def parameter(a, name, shape, x):
+    """weight/bias of input ``x``: None, or a float array of ``shape`` and x's dtype."""
+    same_dtype(vector(a, name, shape), name, x)
+    return a
+
+
 def statistics(a, name, shape):
     """mean/rstd a backward needs: required (not None), float, of ``shape``."""
     if a is None:

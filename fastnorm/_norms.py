@@ -151,9 +151,13 @@ def unit_backward(backend, xp, kind, dyv, xv, dxv, mean, rstd, w, cg, Pp, n, tra
     c1, c2, c3 = xp.empty((Pp, C)), xp.empty((Pp, C)), xp.empty((Pp, C))
     run(backend, BACKWARD_COEFS, Pp * C)(w, rstd, sg, sgx, float(max(n, 1)), training, cg,
                                          c1, c2, c3)
-    if xv.size:
+    if xv.size and training:
         run(backend, BWD_APPLY[kind], xv.size)(dyv, xv, flat(kind, mean_s), flat(kind, c1),
                                                flat(kind, c2), flat(kind, c3), dxv)
+    elif xv.size:   # constant statistics: dx = (w * rstd) * dy, x not read (torch's eval)
+        zero = xp.zeros((Pp, C))
+        run(backend, SCALE_SHIFT[kind], xv.size)(dyv, flat(kind, zero), flat(kind, c1),
+                                                 flat(kind, zero), dxv)
     return gw, gb
 
 
@@ -176,8 +180,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ax = _checks.axis(axis, x.ndim)
     C, T = x.shape[ax], xp.compute_dtype(x)
     training = _checks.flag(training, "training")
-    w = xp.vector(weight, "weight", (C,))
-    b = xp.vector(bias, "bias", (C,))
+    w = xp.param(weight, "weight", (C,), x)
+    b = xp.param(bias, "bias", (C,), x)
     rm, rv = _checks.running_pair(running_mean, running_var, C, training)
     eps = _checks.eps(eps)
     count = x.size // C if C else 0
@@ -231,7 +235,7 @@ def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True,
     training = _checks.flag(training, "training")
     mean = xp.statistics(mean, "mean", (C,))
     rstd = xp.statistics(rstd, "rstd", (C,))
-    w = xp.vector(weight, "weight", (C,))
+    w = xp.param(weight, "weight", (C,), x)
     xw, lay = xp.plan(x, ax)
     dy = xp.like(grad_out, xw, lay, "grad_out")
     kind, shape, A = geo.batch_geometry(lay, ax)
@@ -261,7 +265,7 @@ def _grouped_forward(backend, xp, kind, xw, y, lay, N, C, S, weight, bias, eps, 
     channels-last: CHANNELS_FWD_GROUPED on the (N, S, C) view, one sample's slab at a time.
     """
     mean, rstd = xp.empty((N, G), T), xp.empty((N, G), T)
-    wt = xp.vector(weight, "weight", (C,), T)
+    wt = xp.vector(weight, "weight", (C,), T)    # (checked by the caller)
     bt = xp.vector(bias, "bias", (C,), T)
     if kind == "rows":
         shape, K = (N * G, C // G, S), C // G
@@ -293,8 +297,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     ax = _checks.channel_axis(axis, x.ndim)
     C, T = x.shape[ax], xp.compute_dtype(x)
     use_input_stats = _checks.flag(use_input_stats, "use_input_stats")
-    _checks.vector(weight, "weight", (C,))
-    _checks.vector(bias, "bias", (C,))
+    _checks.parameter(weight, "weight", (C,), x)
+    _checks.parameter(bias, "bias", (C,), x)
     update = use_input_stats and running_mean is not None
     rm, rv = _checks.running_pair(running_mean, running_var, C, update)
     eps = _checks.eps(eps)
@@ -313,8 +317,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                       eps, C, T)
         y = xp.finish(y, final, lay)
         return (y,) + xp.result(T, mean, rstd) if return_stats else y
-    w = xp.vector(weight, "weight", (C,))
-    b = xp.vector(bias, "bias", (C,))
+    w = xp.param(weight, "weight", (C,), x)
+    b = xp.param(bias, "bias", (C,), x)
     xv, yv = xp.view(xw, lay, shape), xp.view(y, lay, shape)
     if use_input_stats:
         if x.size:
@@ -345,8 +349,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
     ax = _checks.channel_axis(axis, x.ndim)
     C, T = x.shape[ax], xp.compute_dtype(x)
     G = _checks.groups(num_groups, C, x.shape)
-    _checks.vector(weight, "weight", (C,))
-    _checks.vector(bias, "bias", (C,))
+    _checks.parameter(weight, "weight", (C,), x)
+    _checks.parameter(bias, "bias", (C,), x)
     eps = _checks.eps(eps)
     xw, lay, kind, N, C, S, shape = _nc_view(xp, x, ax)
     y, final = xp.output(out, x, lay)
@@ -356,8 +360,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
         y = xp.finish(y, final, lay)
         return (y,) + xp.result(T, mean, rstd) if return_stats else y
     cg = C // G
-    w = xp.vector(weight, "weight", (C,))
-    b = xp.vector(bias, "bias", (C,))
+    w = xp.param(weight, "weight", (C,), x)
+    b = xp.param(bias, "bias", (C,), x)
     xv, yv = xp.view(xw, lay, shape), xp.view(y, lay, shape)
     if x.size:              # per (n, c) columns, then merged into groups of C/G columns
         mean, m2 = unit_moments(backend, xp, "channels", xv, N, C, "groups", S, cg)
@@ -379,17 +383,17 @@ def nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, gr
         return xp.via_host(nc_backward, dict(
             grad_out=grad_out, input=x, mean=mean, rstd=rstd, weight=weight, axis=axis,
             has_bias=has_bias, groups=groups, training=training))
-    ax = _checks.axis(axis, x.ndim)
+    ax = _checks.channel_axis(axis, x.ndim)
     C, T = x.shape[ax], xp.compute_dtype(x)
     G = C if groups is None else _checks.groups(groups, C, x.shape)
     training = _checks.flag(training, "use_input_stats")
     xw, lay, kind, N, C, S, shape = _nc_view(xp, x, ax)
     mean = xp.statistics(mean, "mean", (N, G))
     rstd = xp.statistics(rstd, "rstd", (N, G))
-    w = xp.vector(weight, "weight", (C,))
+    w = xp.param(weight, "weight", (C,), x)
     dy = xp.like(grad_out, xw, lay, "grad_out")
     dx = xp.empty_in(lay, T)
-    cg = C // G
+    cg = C // G if G else 1
     if x.size and kind == "rows" and training:
         # channels-first: one fused kernel, each (sample, group) row read from memory once
         shape3 = (N * G, cg, S)
@@ -423,9 +427,9 @@ def rows_forward(input, normalized_shape, weight, bias, eps, rms, out, return_st
             rms=rms, out=out, return_stats=return_stats))
     ns, lead, R, M = _checks.rows_shape(x.shape, normalized_shape)
     T = xp.compute_dtype(x)
-    w = xp.vector(weight, "weight", ns, T)
-    b = xp.vector(bias, "bias", ns, T)
-    eps = _checks.eps(np.finfo(x.dtype).eps if eps is None else eps)
+    w = xp.param(weight, "weight", ns, x, T)
+    b = xp.param(bias, "bias", ns, x, T)
+    eps = _checks.eps(np.finfo(x.dtype).eps if eps is None and rms else eps)
     xw, lay = xp.plan(x)
     y, final = xp.output(out, x, lay)
     if x.size:
@@ -461,7 +465,7 @@ def rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, rms, ha
     ns, lead, R, M = _checks.rows_shape(x.shape, normalized_shape)
     mean = xp.zeros((R,), T) if rms else xp.statistics(mean, "mean", lead, T).reshape(R)
     rstd = xp.statistics(rstd, "rstd", lead, T).reshape(R)
-    w = xp.vector(weight, "weight", ns, T)
+    w = xp.param(weight, "weight", ns, x, T)
     xw, lay = xp.plan(x)
     dy = xp.like(grad_out, xw, lay, "grad_out")
     dx = xp.empty_in(lay, T)
@@ -510,7 +514,8 @@ def rows_fast(x, normalized_shape, weight, bias, eps, rms, out, return_stats, ba
         return None
     M = x.shape[-1]
     if not ((normalized_shape == M) if type(normalized_shape) is int
-            else (type(normalized_shape) is tuple and normalized_shape == (M,))):
+            else (type(normalized_shape) is tuple and len(normalized_shape) == 1
+                  and type(normalized_shape[0]) is int and normalized_shape[0] == M)):
         return None
     k, checks = _dispatch.fast_kernel(ROWS_FWD, backend, x.size)
     if k is None or not (checks or _plain(weight, M, x.dtype) and _plain(bias, M, x.dtype)):

@@ -28,121 +28,11 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("fastnorm.mpi needs mpi4py: pip install 'fastnorm[mpi]'") from e
 
-from . import _checks, _dispatch, _norms
-from .moments import Moments
+from . import _checks, nn
+from ._sync import Collective, comm_or_world, sync_batch_norm, sync_batch_norm_backward
 
-__all__ = ["SyncBatchNorm", "Collective", "sync_batch_norm", "sync_batch_norm_backward"]
-
-
-def _comm(comm):
-    comm = MPI.COMM_WORLD if comm is None else comm
-    if not isinstance(comm, MPI.Comm):
-        raise TypeError(f"comm must be an mpi4py.MPI.Comm, got {type(comm).__name__}")
-    return comm
-
-
-class Collective:
-    """The exchanges of synchronized batch norm over ``comm``, between the body's phases.
-
-    ``moments(mean, m2, count)``: this rank's statistics units (1, C) of ``count`` elements
-    each -> the merge over every rank. ``sums(sdy, sdx, count)``: this rank's per-channel
-    backward sums (1, C) -> their totals over every rank, and the global count. Collective:
-    every rank calls them in the same order.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from fastnorm.mpi import Collective, MPI
-    >>> mean, m2, n = Collective(MPI.COMM_SELF).moments(np.ones((1, 2)), np.zeros((1, 2)), 4)
-    >>> mean, n
-    (array([[1., 1.]]), 4)
-    """
-
-    def __init__(self, comm=None):
-        self.comm = _comm(comm)
-
-    def _gather(self, count, *rows):
-        send = np.concatenate([np.array([float(count)])] + [np.ravel(r) for r in rows])
-        recv = np.empty((self.comm.Get_size(), send.size))
-        self.comm.Allgather(send, recv)
-        return recv
-
-    def moments(self, mean, m2, count):
-        C = mean.size
-        recv = self._gather(count, mean, m2)
-        parts = [Moments(np.int64(r[0]), r[1:C + 1], r[C + 1:]) if r[0] else
-                 Moments.empty((C,)) for r in recv]
-        g = Moments.merge_all(parts)
-        return g.mean.reshape(1, C), g.m2.reshape(1, C), int(g.count)
-
-    def sums(self, sdy, sdx, count):
-        C = sdy.size
-        tot = self._gather(count, sdy, sdx).sum(axis=0)   # rank order: same bits everywhere
-        return tot[1:C + 1].reshape(1, C), tot[C + 1:].reshape(1, C), int(tot[0])
-
-
-def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                    momentum=0.1, eps=1e-5, *, comm=None, axis=1, out=None, return_stats=False,
-                    num_batches_tracked=None, backend=None):
-    """:func:`fastnorm.batch_norm` with the batch statistics of every rank of ``comm``
-    (training only; eval normalizes with the running statistics, locally).
-
-    Arguments as :func:`fastnorm.batch_norm`; ``comm`` is an mpi4py communicator (default
-    ``MPI.COMM_WORLD``). Collective when ``training``: every rank calls it, a rank without
-    samples with an empty batch. ``running_var`` receives the unbiased variance over the
-    global count.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from fastnorm.mpi import sync_batch_norm, MPI
-    >>> x = np.random.default_rng(0).normal(2, 3, (8, 3))
-    >>> y = sync_batch_norm(x, None, None, training=True, comm=MPI.COMM_SELF)
-    >>> bool(abs(y.mean(axis=0)).max() < 1e-12)
-    True
-    """
-    h = _dispatch.handler(input, weight, bias, running_mean, running_var, out, num_batches_tracked)
-    if h is not None:
-        return h(sync_batch_norm, dict(
-            input=input, running_mean=running_mean, running_var=running_var, weight=weight,
-            bias=bias, training=training, momentum=momentum, eps=eps, comm=comm, axis=axis,
-            out=out, return_stats=return_stats, num_batches_tracked=num_batches_tracked,
-            backend=backend))
-    collective = Collective(comm) if _checks.flag(training, "training") else None
-    return _norms.batch_norm(input, running_mean, running_var, weight, bias, training,
-                             momentum, eps, axis=axis, out=out, return_stats=return_stats,
-                             num_batches_tracked=num_batches_tracked, backend=backend,
-                             collective=collective)
-
-
-def sync_batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True, *,
-                             comm=None, axis=1, has_bias=True, backend=None):
-    """Gradients of :func:`sync_batch_norm`: ``(grad_x, grad_weight, grad_bias)``.
-
-    grad_x is this rank's slice of the gradient of the loss summed over every rank;
-    grad_weight and grad_bias are this rank's share, as torch's SyncBatchNorm returns them
-    (a data-parallel wrapper sums or averages them over the ranks with every other
-    parameter's gradient). Collective when ``training``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from fastnorm.mpi import sync_batch_norm, sync_batch_norm_backward, MPI
-    >>> x = np.random.default_rng(0).normal(size=(8, 3))
-    >>> y, m, r = sync_batch_norm(x, None, None, training=True, comm=MPI.COMM_SELF,
-    ...                           return_stats=True)
-    >>> gx, gw, gb = sync_batch_norm_backward(np.ones_like(y), x, m, r, comm=MPI.COMM_SELF)
-    >>> float(abs(gx).max()) < 1e-12, gb
-    (True, array([8., 8., 8.]))
-    """
-    h = _dispatch.handler(grad_out, input, mean, rstd, weight)
-    if h is not None:
-        return h(sync_batch_norm_backward, dict(
-            grad_out=grad_out, input=input, mean=mean, rstd=rstd, weight=weight,
-            training=training, comm=comm, axis=axis, has_bias=has_bias, backend=backend))
-    collective = Collective(comm) if _checks.flag(training, "training") else None
-    return _norms.batch_norm_backward(grad_out, input, mean, rstd, weight, training, axis=axis,
-                                      has_bias=has_bias, backend=backend, collective=collective)
+__all__ = ["MPI", "SyncBatchNorm", "DistributedDataParallel", "Collective", "sync_batch_norm",
+           "sync_batch_norm_backward"]
 
 
 class SyncBatchNorm:
@@ -214,7 +104,7 @@ class SyncBatchNorm:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.comm = _comm(comm)
+        self.comm = comm_or_world(comm)
         self.axis = int(axis)
         self.backend = backend
         self.weight = np.ones(C, dtype) if affine else None
@@ -257,14 +147,24 @@ class SyncBatchNorm:
                                  f"{self.axis}, got shape {x.shape}")
         batch_stats = self.training or self.running_mean is None
         update = self.training and self.running_mean is not None
+        w, b = (self._as_input(p, x) for p in (self.weight, self.bias))
         y, mean, rstd = sync_batch_norm(
             x, self.running_mean if not batch_stats or update else None,
-            self.running_var if not batch_stats or update else None, self.weight, self.bias,
+            self.running_var if not batch_stats or update else None, w, b,
             batch_stats, self.momentum, self.eps, comm=self.comm, axis=self.axis,
             return_stats=True, num_batches_tracked=self.num_batches_tracked if update else None,
             backend=self.backend)
-        self._saved = (x, mean, rstd, batch_stats)
+        self._saved = (x, w, mean, rstd, batch_stats)
         return y
+
+    @staticmethod
+    def _as_input(p, x):
+        """A parameter in the input's dtype (float32 for half input): this object owns its
+        parameters, so it casts them where the functional form would refuse a mix."""
+        dt = getattr(x, "dtype", None)
+        if p is None or dt is None or np.dtype(dt).kind != "f":
+            return p
+        return p.astype(np.float32 if np.dtype(dt) == np.float16 else dt, copy=False)
 
     def backward(self, grad_out):
         """Gradient w.r.t. this rank's input; sets ``grad_weight``/``grad_bias`` (over every
@@ -274,8 +174,8 @@ class SyncBatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
-        x, mean, rstd, batch_stats = self._saved
-        gx, gw, gb = sync_batch_norm_backward(grad_out, x, mean, rstd, self.weight,
+        x, w, mean, rstd, batch_stats = self._saved
+        gx, gw, gb = sync_batch_norm_backward(grad_out, x, mean, rstd, w,
                                               batch_stats, comm=self.comm, axis=self.axis,
                                               has_bias=self.affine, backend=self.backend)
         if self.affine:      # this rank's shares -> the whole batch's, in rank order
@@ -287,3 +187,74 @@ class SyncBatchNorm:
             self.grad_weight = tot[:C].astype(self.weight.dtype)
             self.grad_bias = tot[C:].astype(self.bias.dtype)
         return gx
+
+
+class DistributedDataParallel(nn.Module):
+    """Data-parallel training over MPI ranks, torch's ``DistributedDataParallel`` in shape:
+    each rank runs the wrapped model on its slice of the batch; after ``loss.backward()``,
+    :meth:`sync_gradients` replaces every parameter's gradient by its average over the
+    ranks, summed in rank order (so every rank holds the same bits and steps its optimizer
+    identically).
+
+    At construction the model's batch norms become :class:`fastnorm.nn.SyncBatchNorm` over
+    ``comm`` (``sync_batchnorm=False`` keeps them per-rank) and rank 0's parameters and
+    buffers are broadcast, so every rank starts from the same state. With equal batch slices
+    and a mean loss, a step equals one process's step on the whole batch. Unlike torch, the
+    averaging is an explicit call (the tape has no backward hooks). Collective: every rank
+    calls forward, backward and :meth:`sync_gradients` in the same order.
+
+    Parameters
+    ----------
+    module : fastnorm.nn.Module
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+    sync_batchnorm : bool, keyword-only, default True
+
+    Examples
+    --------
+    Under ``mpiexec -n 2 python train.py`` (on one process it changes nothing):
+
+    >>> import numpy as np
+    >>> from fastnorm import nn, optim, autograd as ag
+    >>> from fastnorm.mpi import DistributedDataParallel, MPI
+    >>> comm = MPI.COMM_WORLD
+    >>> net = DistributedDataParallel(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), comm)
+    >>> opt = optim.SGD(net.parameters(), lr=0.1)
+    >>> x = np.random.default_rng(comm.Get_rank()).normal(size=(8, 4)).astype(np.float32)
+    >>> loss = (net(x) * net(x)).mean()
+    >>> loss.backward()
+    >>> net.sync_gradients()
+    >>> opt.step()
+    """
+
+    def __init__(self, module, comm=None, *, sync_batchnorm=True):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a fastnorm.nn.Module, got {type(module).__name__}")
+        self.comm = comm_or_world(comm)
+        self.module = nn.convert_sync_batchnorm(module, self.comm) if sync_batchnorm else module
+        for _, p in self.module.named_parameters():
+            self.comm.Bcast(p.data, root=0)
+        for _, b in self.module.named_buffers():
+            if b is not None:
+                self.comm.Bcast(b, root=0)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def sync_gradients(self):
+        """Average every trainable parameter's ``.grad`` over the ranks (a parameter without
+        a gradient on some rank counts as zero there)."""
+        params = [p for _, p in self.module.named_parameters() if p.requires_grad]
+        if not params:
+            return
+        send = np.concatenate([np.zeros(p.data.size) if p.grad is None
+                               else np.ravel(p.grad).astype(np.float64) for p in params])
+        recv = np.empty((self.comm.Get_size(), send.size))
+        self.comm.Allgather(send, recv)
+        mean = recv.sum(axis=0) / self.comm.Get_size()      # rank order, the same bits
+        off = 0
+        for p in params:
+            n = p.data.size
+            p.grad = mean[off:off + n].reshape(p.data.shape).astype(p.data.dtype)
+            off += n

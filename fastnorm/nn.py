@@ -20,8 +20,10 @@ from . import _checks, api
 from . import autograd as ag
 from .autograd import Tensor, no_grad
 
-__all__ = ["Parameter", "Module", "Sequential", "Linear", "CosineLinear", "ReLU", "Sigmoid",
-           "Tanh", "Identity", "Flatten", "CrossEntropyLoss", "MSELoss",
+__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "ModuleDict", "Linear",
+           "CosineLinear", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout",
+           "ReLU", "Sigmoid", "Tanh", "GELU", "SiLU", "Identity", "Flatten", "CrossEntropyLoss",
+           "MSELoss",
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
            "convert_sync_batchnorm", "InstanceNorm1d", "InstanceNorm2d",
            "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm",
@@ -146,11 +148,89 @@ class Module:
                 if b is not None:
                     yield prefix + name, b
 
+    def buffers(self):
+        """Every buffer (running statistics, counts), in state_dict() order."""
+        return [b for _, b in self.named_buffers()]
+
+    def named_children(self):
+        """(name, module) of the direct sub-modules."""
+        for name, m in self._modules.items():
+            if m is not None:
+                yield name, m
+
     def children(self):
-        return [m for m in self._modules.values() if m is not None]
+        return [m for _, m in self.named_children()]
 
     def modules(self):
         return [m for _, m in self._walk()]
+
+    def apply(self, fn):
+        """Call ``fn(module)`` on every sub-module, then on self (torch's order); returns self.
+
+        Examples
+        --------
+        >>> from fastnorm import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> names = []
+        >>> _ = net.apply(lambda m: names.append(type(m).__name__))
+        >>> names
+        ['Linear', 'ReLU', 'Sequential']
+        """
+        for m in self.children():
+            m.apply(fn)
+        fn(self)
+        return self
+
+    def requires_grad_(self, requires_grad=True):
+        """Set ``requires_grad`` on every parameter (False freezes them); returns self.
+
+        Frozen parameters get no ``.grad`` from backward, so the optimizers leave them alone.
+        """
+        for p in self.parameters():
+            p.requires_grad = bool(requires_grad)
+        return self
+
+    # -- dtype ------------------------------------------------------------------------------
+    def to(self, dtype):
+        """Cast floating-point parameters (and their grads) and buffers to ``dtype``.
+
+        Integer buffers (``num_batches_tracked``) keep their dtype, as in torch. Parameters
+        stay the same objects (an optimizer built before still holds them; its state keeps
+        the old dtype). Returns self.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fastnorm import nn
+        >>> bn = nn.BatchNorm2d(3).to(np.float64)
+        >>> bn.weight.dtype, bn.running_var.dtype, bn.num_batches_tracked.dtype
+        (dtype('float64'), dtype('float64'), dtype('int64'))
+        """
+        if dtype is None:
+            raise TypeError("dtype must be float16, float32 or float64, got None")
+        dt = _dtype(dtype)
+        for m in self.modules():
+            for p in m._parameters.values():
+                if p is not None and p.dtype.kind == "f":
+                    p.data = p.data.astype(dt, copy=False)
+                    if p.grad is not None:
+                        p.grad = p.grad.astype(dt, copy=False)
+            for name, b in m._buffers.items():
+                if b is not None and b.dtype.kind == "f":
+                    m._buffers[name] = b.astype(dt, copy=False)
+        return self
+
+    def half(self):
+        """``to(numpy.float16)``."""
+        return self.to(np.float16)
+
+    def float(self):  # noqa: A003 (torch's name)
+        """``to(numpy.float32)``."""
+        return self.to(np.float32)
+
+    def double(self):
+        """``to(numpy.float64)``."""
+        return self.to(np.float64)
 
     # -- mode -------------------------------------------------------------------------------
     def train(self, mode=True):
@@ -354,6 +434,150 @@ class Sequential(Module):
         return x
 
 
+def _module(m, what):
+    if not isinstance(m, Module):
+        raise TypeError(f"{what} must be a Module, got {type(m).__name__}")
+    return m
+
+
+class ModuleList(Module):
+    """A list of sub-modules, registered as "0", "1", ... (torch's keys); no forward.
+
+    Examples
+    --------
+    >>> from fastnorm import nn
+    >>> blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+    >>> blocks.append(nn.ReLU())
+    ModuleList(
+      (0): Linear(in_features=4, out_features=4, bias=True)
+      (1): Linear(in_features=4, out_features=4, bias=True)
+      (2): ReLU()
+    )
+    >>> list(blocks.state_dict())
+    ['0.weight', '0.bias', '1.weight', '1.bias']
+    """
+
+    def __init__(self, modules=None):
+        super().__init__()
+        if modules is not None:
+            self.extend(modules)
+
+    def _key(self, idx):
+        if not isinstance(idx, numbers.Integral):
+            raise TypeError(f"index must be an int or a slice, got {type(idx).__name__}")
+        n = len(self._modules)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} is out of range for a ModuleList of {n}")
+        return str(idx % n)
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(list(self._modules.values()))
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return ModuleList(list(self._modules.values())[idx])
+        return self._modules[self._key(idx)]
+
+    def __setitem__(self, idx, module):
+        self._modules[self._key(idx)] = _module(module, "module")
+
+    def __delitem__(self, idx):
+        mods = list(self._modules.values())
+        if isinstance(idx, slice):
+            del mods[idx]
+        else:
+            del mods[int(self._key(idx))]
+        self._modules.clear()                    # renumbered, as torch does
+        self.extend(mods)
+
+    def append(self, module):
+        """Add ``module`` at the end; returns self."""
+        self._modules[str(len(self._modules))] = _module(module, "module")
+        return self
+
+    def extend(self, modules):
+        """Append every module of an iterable; returns self."""
+        if isinstance(modules, Module) and not isinstance(modules, ModuleList):
+            raise TypeError("extend() takes an iterable of Modules, got a single "
+                            f"{type(modules).__name__}")
+        for i, m in enumerate(list(modules)):
+            _module(m, f"modules[{i}]")
+            self.append(m)
+        return self
+
+    def insert(self, index, module):
+        """Insert ``module`` before position ``index``."""
+        mods = list(self._modules.values())
+        mods.insert(index, _module(module, "module"))
+        self._modules.clear()
+        self.extend(mods)
+
+    def __iadd__(self, modules):
+        return self.extend(modules)
+
+
+class ModuleDict(Module):
+    """An ordered dict of sub-modules; keys are the state-dict prefixes (torch's).
+
+    Examples
+    --------
+    >>> from fastnorm import nn
+    >>> heads = nn.ModuleDict({"cls": nn.Linear(4, 3), "box": nn.Linear(4, 2)})
+    >>> list(heads), list(heads.state_dict())[:2]
+    (['cls', 'box'], ['cls.weight', 'cls.bias'])
+    """
+
+    def __init__(self, modules=None):
+        super().__init__()
+        if modules is not None:
+            self.update(modules)
+
+    def __getitem__(self, key):
+        return self._modules[key]
+
+    def __setitem__(self, key, module):
+        if not isinstance(key, str) or not key or "." in key:
+            raise ValueError(f"key must be a non-empty str without '.', got {key!r}")
+        self._modules[key] = _module(module, f"module {key!r}")
+
+    def __delitem__(self, key):
+        del self._modules[key]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(list(self._modules))
+
+    def __contains__(self, key):
+        return key in self._modules
+
+    def keys(self):
+        return list(self._modules.keys())
+
+    def items(self):
+        return list(self._modules.items())
+
+    def values(self):
+        return list(self._modules.values())
+
+    def pop(self, key):
+        """Remove ``key`` and return its module."""
+        return self._modules.pop(key)
+
+    def clear(self):
+        self._modules.clear()
+
+    def update(self, modules):
+        """Add the (key, module) pairs of a mapping or an iterable of pairs."""
+        pairs = modules.items() if hasattr(modules, "items") else modules
+        for key, m in pairs:
+            self[key] = m
+
+
 # -------------------------------------------------------------------------- linear layers
 
 class Linear(Module):
@@ -437,6 +661,176 @@ class CosineLinear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+# ----------------------------------------------------------------- convolution and pooling
+
+def _pair(value, name, low):
+    """torch's int-or-pair argument as a tuple of two ints >= low."""
+    v = (value, value) if isinstance(value, numbers.Integral) else value
+    if not (isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(e, numbers.Integral) and e >= low for e in v)):
+        raise ValueError(f"{name} must be an int >= {low} or a pair of them, got {value!r}")
+    return int(v[0]), int(v[1])
+
+
+class Conv2d(Module):
+    """2-D convolution, torch's ``Conv2d`` (arguments, defaults, init and state-dict keys).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, dilation : int or pair
+    padding : int, pair, 'valid' or 'same' (stride 1)
+    groups : int dividing in_channels and out_channels
+    bias : bool
+    padding_mode : 'zeros'
+        The only mode implemented (torch also has 'reflect', 'replicate', 'circular').
+    dtype : float dtype, default float32
+    rng : numpy Generator or seed, optional (keyword-only)
+        Source of the initial weights: torch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+        ``fan_in = in_channels / groups * kh * kw``, weight first, then bias.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm import nn
+    >>> conv = nn.Conv2d(1, 8, 3, padding=1, rng=0)
+    >>> conv
+    Conv2d(1, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+    >>> conv(np.zeros((2, 1, 8, 8), np.float32)).shape, list(conv.state_dict())
+    ((2, 8, 8, 8), ['weight', 'bias'])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", dtype=None, *,
+                 rng=None):
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("groups", groups)):
+            if not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+                             f"must be divisible by groups ({groups})")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros' (the only mode implemented), "
+                             f"got {padding_mode!r}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride, self.dilation = _pair(stride, "stride", 1), _pair(dilation, "dilation", 1)
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(f"padding must be 'valid', 'same', an int or a pair, "
+                                 f"got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding, "padding", 0)
+        self.groups, self.padding_mode = int(groups), padding_mode
+        dt = _dtype(dtype)
+        rng = np.random.default_rng(rng)
+        kh, kw = self.kernel_size
+        bound = 1.0 / math.sqrt(in_channels // groups * kh * kw)
+        self.weight = Parameter(rng.uniform(-bound, bound, (out_channels, in_channels // groups,
+                                                            kh, kw)).astype(dt))
+        if bias:
+            self.bias = Parameter(rng.uniform(-bound, bound, out_channels).astype(dt))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x):
+        return ag.conv2d(_as_tensor(x), self.weight, self.bias, self.stride, self.padding,
+                         self.dilation, self.groups)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + (", bias=False" if self.bias is None else "")
+
+
+class MaxPool2d(Module):
+    """:func:`fastnorm.autograd.max_pool2d` as a layer, torch's ``MaxPool2d``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm import nn
+    >>> nn.MaxPool2d(2)(np.zeros((1, 3, 8, 7))).shape
+    (1, 3, 4, 3)
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
+                 ceil_mode=False):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None else stride
+        self.padding, self.dilation = padding, dilation
+        self.return_indices, self.ceil_mode = bool(return_indices), bool(ceil_mode)
+
+    def forward(self, x):
+        return ag.max_pool2d(_as_tensor(x), self.kernel_size, self.stride, self.padding,
+                             self.dilation, self.ceil_mode, self.return_indices)
+
+    def extra_repr(self):
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, ceil_mode={self.ceil_mode}")
+
+
+class AvgPool2d(Module):
+    """:func:`fastnorm.autograd.avg_pool2d` as a layer, torch's ``AvgPool2d``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm import nn
+    >>> nn.AvgPool2d(3, stride=2, padding=1)(np.zeros((1, 3, 8, 8))).shape
+    (1, 3, 4, 4)
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None else stride
+        self.padding, self.ceil_mode = padding, bool(ceil_mode)
+        self.count_include_pad, self.divisor_override = bool(count_include_pad), divisor_override
+
+    def forward(self, x):
+        return ag.avg_pool2d(_as_tensor(x), self.kernel_size, self.stride, self.padding,
+                             self.ceil_mode, self.count_include_pad, self.divisor_override)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class AdaptiveAvgPool2d(Module):
+    """:func:`fastnorm.autograd.adaptive_avg_pool2d` as a layer (``1``: global pooling).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm import nn
+    >>> nn.AdaptiveAvgPool2d((2, None))(np.zeros((1, 3, 7, 5))).shape
+    (1, 3, 2, 5)
+    """
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x):
+        return ag.adaptive_avg_pool2d(_as_tensor(x), self.output_size)
+
+    def extra_repr(self):
+        return f"output_size={self.output_size}"
+
+
 # ----------------------------------------------------------------- activations and losses
 
 class ReLU(Module):
@@ -459,12 +853,93 @@ class Identity(Module):
         return _as_tensor(x)
 
 
-class Flatten(Module):
-    """(N, ...) -> (N, prod(...)): torch's default ``start_dim=1``."""
+class GELU(Module):
+    """:func:`fastnorm.autograd.gelu` as a layer, torch's ``GELU(approximate='none')``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm import nn
+    >>> nn.GELU("tanh")(np.array([1.0])).data.round(4)
+    array([0.8412])
+    """
+
+    def __init__(self, approximate="none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
 
     def forward(self, x):
-        x = _as_tensor(x)
-        return x.reshape(x.shape[0], -1)
+        return ag.gelu(_as_tensor(x), self.approximate)
+
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
+
+
+class SiLU(Module):
+    """``x * sigmoid(x)``, torch's ``SiLU``."""
+
+    def forward(self, x):
+        return ag.silu(_as_tensor(x))
+
+
+class Flatten(Module):
+    """Merge dims ``start_dim..end_dim`` (torch's defaults 1 and -1: (N, ...) -> (N, -1)).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm import nn
+    >>> nn.Flatten()(np.zeros((2, 3, 4, 4))).shape, nn.Flatten(0, 1)(np.zeros((2, 3, 4))).shape
+    ((2, 48), (6, 4))
+    """
+
+    def __init__(self, start_dim=1, end_dim=-1):
+        super().__init__()
+        for name, v in (("start_dim", start_dim), ("end_dim", end_dim)):
+            if not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {v!r}")
+        self.start_dim, self.end_dim = int(start_dim), int(end_dim)
+
+    def forward(self, x):
+        return ag.flatten(_as_tensor(x), self.start_dim, self.end_dim)
+
+    def extra_repr(self):
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+
+class Dropout(Module):
+    """Zero each element with probability ``p`` in training mode (scaled by 1/(1-p));
+    the identity in eval mode. torch's ``Dropout(p=0.5)``.
+
+    ``rng`` (keyword-only: a seed or numpy Generator) makes the masks reproducible; the
+    layer keeps its own generator. ``inplace=True`` is not available on the tape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastnorm import nn
+    >>> drop = nn.Dropout(0.25, rng=0)
+    >>> float((drop(np.ones(10000)).data == 0).mean())
+    0.2524
+    >>> bool((drop.eval()(np.ones(3)).data == 1).all())
+    True
+    """
+
+    def __init__(self, p=0.5, inplace=False, *, rng=None):
+        super().__init__()
+        if not isinstance(p, numbers.Real) or not 0 <= p <= 1:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p!r}")
+        if inplace:
+            raise ValueError("inplace=True is not supported: the tape keeps the input")
+        self.p, self.inplace, self.rng = float(p), False, np.random.default_rng(rng)
+
+    def forward(self, x):
+        return ag.dropout(_as_tensor(x), self.p, self.training, rng=self.rng)
+
+    def extra_repr(self):
+        return f"p={self.p}, inplace={self.inplace}"
 
 
 class _Loss(Module):
@@ -498,8 +973,7 @@ def _check_features(num_features, name="num_features"):
 
 
 def _check_eps(eps):
-    if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    _checks.eps(eps)
     return eps
 
 
@@ -677,8 +1151,8 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
 
     def _function(self, *args, **kwargs):
-        from . import mpi   # mpi4py is an optional extra
-        return mpi.sync_batch_norm(*args, comm=self.process_group, **kwargs)
+        from . import _sync   # (imports mpi4py, an optional extra, only for COMM_WORLD)
+        return _sync.sync_batch_norm(*args, comm=self.process_group, **kwargs)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

@@ -16,16 +16,28 @@ def _nonneg(value, name):
 
 
 class Optimizer:
-    """Holds the parameters (Tensors with ``requires_grad``) and their per-parameter state."""
+    """Holds the parameters (leaf Tensors) and their per-parameter state.
+
+    As in torch, a parameter frozen with ``requires_grad=False`` is accepted and left alone:
+    backward gives it no ``.grad``, and ``step()`` updates only parameters that have one.
+    """
 
     def __init__(self, params):
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of Tensors, got a single Tensor")
         params = list(params)
         if not params:
             raise ValueError("params is empty: the optimizer got no parameters")
         for i, p in enumerate(params):
-            if not isinstance(p, Tensor) or not p.requires_grad:
-                raise TypeError(f"params[{i}] must be a Tensor with requires_grad=True, "
-                                f"got {type(p).__name__}")
+            if not isinstance(p, Tensor) or p.dtype.kind != "f":
+                raise TypeError(f"params[{i}] must be a floating-point Tensor, got "
+                                f"{type(p).__name__}"
+                                + (f" of dtype {p.dtype}" if isinstance(p, Tensor) else ""))
+            if not p.is_leaf:
+                raise ValueError(f"params[{i}] is not a leaf Tensor (the result of an "
+                                 "operation): an optimizer updates leaves only")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("params contains a parameter more than once")
         self.params = params
         self.state = [{} for _ in params]
 

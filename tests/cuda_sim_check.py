@@ -143,7 +143,7 @@ def test_deterministic_and_constant_channel_exact():
     """Same input -> bitwise the same output; a constant channel gives exactly beta."""
     x = _data((2, 5, 3), np.float32)
     x[:, :, 1] = np.float32(1e4 + 0.1)
-    bias = np.array([0.5, -2.0, 3.0])
+    bias = np.array([0.5, -2.0, 3.0], np.float32)
     d = cuda.to_device(x)
     y1 = _host(fn.batch_norm(d, None, None, None, bias, True, axis=-1))
     y2 = _host(fn.batch_norm(d, None, None, None, bias, True, axis=-1))
@@ -163,7 +163,7 @@ def _wb(C, dtype=np.float64):
 def test_batch_norm(axis, memory, dtype):
     x = _data((3, 2, 2, 3), dtype)                 # N=3, C on axis 1 (2) or -1 (3)
     C = x.shape[axis]
-    w, b = _wb(C)
+    w, b = _wb(C, dtype)
     dy = _data(x.shape, dtype, 0.0)
     what = f"batch_norm axis={axis} {memory} {np.dtype(dtype)}"
     rm_h, rv_h = rng.standard_normal(C), rng.uniform(0.5, 2, C)
@@ -202,7 +202,7 @@ def test_batch_norm(axis, memory, dtype):
 def test_instance_norm(axis, memory, dtype):
     x = _data((2, 3, 5), dtype) if axis == 1 else _data((2, 5, 3), dtype)
     C = 3
-    w, b = _wb(C)
+    w, b = _wb(C, dtype)
     dy = _data(x.shape, dtype, 0.0)
     what = f"instance_norm axis={axis} {memory} {np.dtype(dtype)}"
     rm_h, rv_h = np.zeros(C), np.ones(C)
@@ -240,7 +240,7 @@ def test_instance_norm(axis, memory, dtype):
 @pytest.mark.parametrize("axis", [1, -1])
 def test_group_norm(axis, dtype):
     x = _data((2, 4, 3), dtype) if axis == 1 else _data((2, 3, 4), dtype)
-    w, b = _wb(4)
+    w, b = _wb(4, dtype)
     dy = _data(x.shape, dtype, 0.0)
     what = f"group_norm axis={axis} {np.dtype(dtype)}"
     xd = cuda.to_device(x)

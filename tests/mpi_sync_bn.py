@@ -73,10 +73,11 @@ def run_case(name, sizes, tail, axis, dtype, momentum, affine, tol):
         tag = f"{name} step {step}"
         y = bn.forward(X[sl])
         gx = bn.backward(G[sl])
-        ye, mean, rstd = fastnorm.batch_norm(X, rm, rv, w, b, training=True, momentum=momentum,
-                                             axis=axis, return_stats=True,
+        wx, bx = (None, None) if w is None else (w.astype(dtype), b.astype(dtype))
+        ye, mean, rstd = fastnorm.batch_norm(X, rm, rv, wx, bx, training=True,
+                                             momentum=momentum, axis=axis, return_stats=True,
                                              num_batches_tracked=nbt)
-        gxe, gwe, gbe = fastnorm.batch_norm_backward(G, X, mean, rstd, w, axis=axis)
+        gxe, gwe, gbe = fastnorm.batch_norm_backward(G, X, mean, rstd, wx, axis=axis)
         yo, _, _ = ref.batch_norm(X, rm_o, rv_o, w, b, True, momentum, 1e-5, axis, nbt_o)
         gxo, gwo, gbo = ref.batch_norm_backward(G, X, mean, rstd, w, True, axis)
         assert y.dtype == X.dtype and gx.dtype == X.dtype and y.shape == X[sl].shape

@@ -129,7 +129,9 @@ def test_matches_reference(name, shape, axis, layout, dtype, backend):
     rng = np.random.default_rng(zlib.crc32(repr((name, shape, axis, layout)).encode()))
     stat_axis = axis if name not in ("layer_norm", "rms_norm") else 1
     x = hostile(rng, shape, dtype, offset=3.0, layout=layout, axis=stat_axis)
-    w, b = _params(rng, _param_shape(name, shape, axis))
+    # parameters in the input's dtype (float32 for float16 input: mixed precision)
+    w, b = _params(rng, _param_shape(name, shape, axis),
+                   np.float32 if dtype == np.float16 else dtype)
     what = f"{name} backend={backend} dtype={np.dtype(dtype).name} shape={shape} " \
            f"axis={axis} layout={layout}"
     pairs, y = run_op(name, x, axis, w, b, backend, rng)
@@ -153,8 +155,8 @@ def test_without_weight_or_bias(affine, dtype, backend):
     x = hostile(rng, (4, 6, 9), dtype, offset=-2.0)
     dy = rng.standard_normal(x.shape).astype(dtype)
     C = 6
-    w = rng.normal(size=C) if affine == "weight" else None
-    b = rng.normal(size=C) if affine == "bias" else None
+    w = rng.normal(size=C).astype(dtype) if affine == "weight" else None
+    b = rng.normal(size=C).astype(dtype) if affine == "bias" else None
     y, m, r = fn.batch_norm(x, None, None, w, b, True, return_stats=True, backend=backend)
     assert_close(y, ref.batch_norm(x, None, None, w, b, True)[0], dtype, f"bn {affine}")
     gx, gw, gb = fn.batch_norm_backward(dy, x, m, r, w, has_bias=b is not None, backend=backend)
@@ -163,8 +165,8 @@ def test_without_weight_or_bias(affine, dtype, backend):
     assert (gw is None) == (w is None) and (gb is None) == (b is None)
     if b is not None:
         assert_close(gb, gbo, dtype, "bn grad_bias")
-    wl = rng.normal(size=9) if affine == "weight" else None
-    bl = rng.normal(size=9) if affine == "bias" else None
+    wl = rng.normal(size=9).astype(dtype) if affine == "weight" else None
+    bl = rng.normal(size=9).astype(dtype) if affine == "bias" else None
     y, m, r = fn.layer_norm(x, 9, wl, bl, return_stats=True, backend=backend)
     assert_close(y, ref.layer_norm(x, (9,), wl, bl)[0], dtype, f"ln {affine}")
     gx, gw, gb = fn.layer_norm_backward(dy, x, m, r, wl, has_bias=bl is not None,

@@ -453,14 +453,13 @@ def test_set_num_threads_reaches_the_cython_module():
 def test_one_row_calls_match_the_general_path(backend, dtype):
     # The latency-critical calls (LN on (1, 768), eval BN on (1, 1024)) against the same
     # calls phrased so that any one-call fast path in api.py is bypassed (a list for
-    # normalized_shape; float64 weights for float32 data): the same bits.
+    # normalized_shape; float64 running statistics and an out= array): the same bits.
     rng = np.random.default_rng(13)
     x = (3 + rng.standard_normal((1, 768))).astype(dtype)
     w, b = rng.normal(1, 0.2, 768).astype(dtype), rng.normal(0, 0.2, 768).astype(dtype)
     for args in ((), (w,), (w, b), (None, b)):
         fast = fn.layer_norm(x, (768,), *args, backend=backend)
-        slow = fn.layer_norm(x, [768], *[None if a is None else a.astype(np.float64)
-                                         for a in args], backend=backend)
+        slow = fn.layer_norm(x, [768], *args, backend=backend)
         np.testing.assert_array_equal(fast, slow)
     xb = (3 + rng.standard_normal((1, 1024))).astype(dtype)
     rm = (3 + rng.standard_normal(1024)).astype(dtype)
@@ -468,9 +467,8 @@ def test_one_row_calls_match_the_general_path(backend, dtype):
     wb, bb = rng.normal(1, 0.2, 1024).astype(dtype), rng.normal(0, 0.2, 1024).astype(dtype)
     for args in ((), (wb,), (wb, bb), (None, bb)):
         fast = fn.batch_norm(xb, rm, rv, *args, backend=backend)
-        slow = fn.batch_norm(xb, rm.astype(np.float64), rv.astype(np.float64),
-                             *[None if a is None else a.astype(np.float64) for a in args],
-                             backend=backend)
+        slow = fn.batch_norm(xb, rm.astype(np.float64), rv.astype(np.float64), *args,
+                             backend=backend, out=np.empty_like(xb))
         np.testing.assert_array_equal(fast, slow)
         ref = reference.batch_norm(xb, rm, rv, *args)[0]
         np.testing.assert_allclose(fast, ref, rtol=0, atol=3e-6 if dtype == np.float32

@@ -441,7 +441,13 @@ def test_optimizer_errors_and_zero_grad():
     with pytest.raises(ValueError, match="params"):
         Adam([])
     with pytest.raises(TypeError, match="params"):
-        SGD([Tensor(np.ones(2))])
+        SGD([np.ones(2)])
+    with pytest.raises(TypeError, match="params"):
+        SGD([Tensor(np.ones(2, np.int64))])
+    with pytest.raises(ValueError, match="leaf"):
+        SGD([p * 2])
+    with pytest.raises(ValueError, match="more than once"):
+        SGD([p, p])
     with pytest.raises(ValueError, match="betas"):
         Adam([p], betas=(1.0, 0.9))
     with pytest.raises(ValueError, match="nesterov"):

@@ -103,7 +103,7 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
         m = np.empty(C)
         a = np.empty(C)
         be = np.zeros(C)
-        for g in range(G):  # columns of a group have equal counts: geo.merge_equal
+        for g in range(G):  # columns of a group have equal counts: reference.merge_equal
             mg = 0.0
             for k in range(K):
                 mg += mc[g * K + k]

@@ -50,7 +50,7 @@ def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
         hi, lo = split(mu, xr)
         rs = xr.dtype.type(r64)
         # Scalar math: y = ((x - hi) - lo) * (rstd * w) + b: the mean kept inside, no
-        # cancellation (DESIGN.md §5), in x's dtype lanes.
+        # cancellation (ARCHITECTURE.md §5), in x's dtype lanes.
         if weight is None:
             if bias is None:
                 for i in range(M):
