@@ -251,13 +251,15 @@ def main(argv=None):
         gap = max(float(np.abs(a - b).max())
                   for a, b in zip(expected["fastnorm"], expected["torch"]))
         print(f"in process: fastnorm and torch models agree to {gap:.2g} (max abs, logits)")
-        rows = layer_times(fm, tm, xs[0])
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(1):   # one BLAS thread, as in the workers
+            rows = layer_times(fm, tm, xs[0])
         print("in process, one request's batch, median ms per layer (one thread each):")
         for name, a, b in rows:
             print(f"  {name:12s} fastnorm {a:7.3f}  torch {b:7.3f}")
         print(f"  {'total':12s} fastnorm {sum(r[1] for r in rows):7.3f}  torch "
               f"{sum(r[2] for r in rows):7.3f}")
-    print(f"model: {fm.conv_impl}; {args.requests} requests of {args.batch} images, "
+    print(f"{args.requests} requests of {args.batch} images, "
           f"concurrency {args.concurrency}, {os.cpu_count()} CPUs, uvicorn on 127.0.0.1")
     log = open(os.path.join(tmp, "server.log"), "w")
     runs = []

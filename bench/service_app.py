@@ -6,10 +6,6 @@ its weights loaded from the state dict in ``SERVICE_MODEL`` (an .npz) when the m
 imported, that is in each server worker before it serves. POST /predict takes the raw
 float32 bytes of an (N, 3, 16, 16) batch and answers the (N, 10) logits, float32 bytes;
 GET /health answers the worker's pid. A plain ASGI callable: nothing beyond uvicorn.
-
-fastnorm.nn had no Conv2d or GELU when this was written, so the conv is im2col + one matmul
-and GELU its tanh form here (torch.nn.GELU(approximate="tanh") in the torch model); when
-fastnorm.nn has them, they are used instead.
 """
 import json
 import os
@@ -23,61 +19,15 @@ WIDTH, HIDDEN = 16, 256   # conv channels, linear width
 
 # ------------------------------------------------------------------------ fastnorm model
 
-def _fastnorm_layers():
-    import fastnorm as fn
-    from fastnorm import nn
-
-    class Conv2d(nn.Module):
-        """Eval-only 3x3 'same' convolution: im2col (a strided view) + one matmul."""
-
-        def __init__(self, cin, cout, k=3):
-            super().__init__()
-            self.k = k
-            self.weight = nn.Parameter(np.zeros((cout, cin, k, k), np.float32))
-            self.bias = nn.Parameter(np.zeros(cout, np.float32))
-
-        def forward(self, x):
-            x = np.asarray(x.data if isinstance(x, fn.Tensor) else x)
-            N, C, H, W = x.shape
-            p = self.k // 2
-            xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-            cols = np.lib.stride_tricks.sliding_window_view(xp, (self.k, self.k), (2, 3))
-            cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(N * H * W, -1)  # (NHW, C k k)
-            w = self.weight.data.reshape(self.weight.shape[0], -1)
-            y = cols @ w.T + self.bias.data                                   # (NHW, O)
-            return fn.Tensor(np.ascontiguousarray(y.reshape(N, H, W, -1).transpose(0, 3, 1, 2)))
-
-    class GELU(nn.Module):
-        """tanh-form GELU, as torch's GELU(approximate="tanh")."""
-
-        def forward(self, x):
-            d = x.data
-            inner = np.float32(0.7978845608028654) * (d + np.float32(0.044715) * d ** 3)
-            return fn.Tensor(0.5 * d * (1.0 + np.tanh(inner)))
-
-    conv = getattr(nn, "Conv2d", None)
-    gelu = getattr(nn, "GELU", None)
-    own = conv is None or gelu is None
-    if own:
-        make_conv = lambda: Conv2d(3, WIDTH)  # noqa: E731
-    else:
-        make_conv = lambda: conv(3, WIDTH, 3, padding=1)  # noqa: E731
-    make_gelu = GELU if own else (lambda: gelu("tanh"))
-    return nn, make_conv, make_gelu, ("im2col + matmul and tanh GELU written in this app"
-                                      if own else "fastnorm.nn.Conv2d and GELU")
-
-
 def build_fastnorm(state=None):
-    nn, conv, gelu, how = _fastnorm_layers()
-    model = nn.Sequential(conv(), nn.BatchNorm2d(WIDTH), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(WIDTH * 16 * 16, HIDDEN), nn.LayerNorm(HIDDEN), gelu(),
-                          nn.Linear(HIDDEN, HIDDEN), nn.LayerNorm(HIDDEN), gelu(),
+    from fastnorm import nn
+    model = nn.Sequential(nn.Conv2d(3, WIDTH, 3, padding=1), nn.BatchNorm2d(WIDTH), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(WIDTH * 16 * 16, HIDDEN), nn.LayerNorm(HIDDEN),
+                          nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.LayerNorm(HIDDEN), nn.GELU(),
                           nn.Linear(HIDDEN, OUT))
     if state is not None:
         model.load_state_dict(state)
-    model.eval()
-    model.conv_impl = how
-    return model
+    return model.eval()
 
 
 def predict_fastnorm(model, x):
@@ -93,8 +43,8 @@ def build_torch(state):
     from torch import nn
     model = nn.Sequential(nn.Conv2d(3, WIDTH, 3, padding=1), nn.BatchNorm2d(WIDTH),
                           nn.ReLU(), nn.Flatten(), nn.Linear(WIDTH * 16 * 16, HIDDEN),
-                          nn.LayerNorm(HIDDEN), nn.GELU("tanh"), nn.Linear(HIDDEN, HIDDEN),
-                          nn.LayerNorm(HIDDEN), nn.GELU("tanh"), nn.Linear(HIDDEN, OUT))
+                          nn.LayerNorm(HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN),
+                          nn.LayerNorm(HIDDEN), nn.GELU(), nn.Linear(HIDDEN, OUT))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return model.eval()
 
