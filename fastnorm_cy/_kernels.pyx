@@ -88,47 +88,47 @@ cdef extern from "_simd.h" nogil:
                                  const double *rstd, const double *w, double *dx, double *sdy,
                                  double *sdxh, Py_ssize_t lo, Py_ssize_t hi, int nts)
 
-    void fn_ch_moments_f32(const float *x, Py_ssize_t n, Py_ssize_t C, double *mu,
-                           double *s2)
-    void fn_ch_moments_f64(const double *x, Py_ssize_t n, Py_ssize_t C, double *mu,
-                           double *s2)
-    void fn_ch_scale_shift_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const double *m,
-                               const double *a, const double *b, float *y, int nts)
-    void fn_ch_scale_shift_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *m,
-                               const double *a, const double *b, double *y, int nts)
-    void fn_ch_dot_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
-                       const double *m, double *s, double *sx)
-    void fn_ch_dot_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
-                       const double *m, double *s, double *sx)
-    void fn_ch_bwd_apply_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
-                             const double *m, const double *c1, const double *c2,
-                             const double *c3, float *dx, int nts)
-    void fn_ch_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
-                             const double *m, const double *c1, const double *c2,
-                             const double *c3, double *dx, int nts)
-    void fn_ch_fwd_grouped_f32(const float *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
-                               Py_ssize_t h, const float *w, const float *b, double eps,
-                               float *y, float *mean, float *rstd, double *buf, int nts)
-    void fn_ch_fwd_grouped_f64(const double *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
-                               Py_ssize_t h, const double *w, const double *b, double eps,
-                               double *y, double *mean, double *rstd, double *buf, int nts)
-    void fn_ch_eval_coefs_f32(const float *mean, const float *var, const float *w,
-                              const float *b, double eps, Py_ssize_t C, float *mh, float *ml,
-                              float *af, float *bf)
-    void fn_ch_eval_coefs_f64(const double *mean, const double *var, const double *w,
-                              const double *b, double eps, Py_ssize_t C, double *mh,
-                              double *ml, double *af, double *bf)
-    void fn_ch_eval_apply_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const float *mh,
-                              const float *ml, const float *af, const float *bf, float *y,
-                              int nts)
-    void fn_ch_eval_apply_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *mh,
-                              const double *ml, const double *af, const double *bf,
-                              double *y, int nts)
-    void fn_ch_merge_moments(Py_ssize_t nb, Py_ssize_t h, Py_ssize_t Q, Py_ssize_t C,
-                             const double *bmean, const double *bm2, double *mean,
-                             double *m2)
-    void fn_ch_merge_sums(Py_ssize_t nb, Py_ssize_t C, const double *bs, const double *bsx,
-                          double *s, double *sx)
+    void fn_channels_moments_f32(const float *x, Py_ssize_t n, Py_ssize_t C, double *mu,
+                                 double *s2)
+    void fn_channels_moments_f64(const double *x, Py_ssize_t n, Py_ssize_t C, double *mu,
+                                 double *s2)
+    void fn_channels_scale_shift_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const double *m,
+                                     const double *a, const double *b, float *y, int nts)
+    void fn_channels_scale_shift_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *m,
+                                     const double *a, const double *b, double *y, int nts)
+    void fn_channels_dot_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
+                             const double *m, double *s, double *sx)
+    void fn_channels_dot_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
+                             const double *m, double *s, double *sx)
+    void fn_channels_bwd_apply_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
+                                   const double *m, const double *c1, const double *c2,
+                                   const double *c3, float *dx, int nts)
+    void fn_channels_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
+                                   const double *m, const double *c1, const double *c2,
+                                   const double *c3, double *dx, int nts)
+    void fn_channels_fwd_grouped_f32(const float *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
+                                     Py_ssize_t h, const float *w, const float *b, double eps,
+                                     float *y, float *mean, float *rstd, double *buf, int nts)
+    void fn_channels_fwd_grouped_f64(const double *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
+                                     Py_ssize_t h, const double *w, const double *b, double eps,
+                                     double *y, double *mean, double *rstd, double *buf, int nts)
+    void fn_channels_eval_coefs_f32(const float *mean, const float *var, const float *w,
+                                    const float *b, double eps, Py_ssize_t C, float *mh, float *ml,
+                                    float *af, float *bf)
+    void fn_channels_eval_coefs_f64(const double *mean, const double *var, const double *w,
+                                    const double *b, double eps, Py_ssize_t C, double *mh,
+                                    double *ml, double *af, double *bf)
+    void fn_channels_eval_apply_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const float *mh,
+                                    const float *ml, const float *af, const float *bf, float *y,
+                                    int nts)
+    void fn_channels_eval_apply_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *mh,
+                                    const double *ml, const double *af, const double *bf,
+                                    double *y, int nts)
+    void fn_channels_moments_merge(Py_ssize_t nb, Py_ssize_t h, Py_ssize_t Q, Py_ssize_t C,
+                                   const double *bmean, const double *bm2, double *mean,
+                                   double *m2)
+    void fn_channels_dot_merge(Py_ssize_t nb, Py_ssize_t C, const double *bs, const double *bsx,
+                               double *s, double *sx)
 
 
 # ------------------------------------------------------------------------ threads, fork
@@ -740,36 +740,36 @@ def rows_bwd_grouped_parallel(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
 
 # ------------------------------------------------------------------------ channels_moments
 
-cdef inline void _ch_moments_block(const floating *x, double *bmean, double *bm2,
-                                   Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t nb,
-                                   Py_ssize_t task) noexcept nogil:
+cdef inline void _channels_moments_block(const floating *x, double *bmean, double *bm2,
+                                         Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t nb,
+                                         Py_ssize_t task) noexcept nogil:
     # task = p * nb + b: rows [b*h, min(Q, (b+1)*h)) of x[p] -> row `task` of bmean/bm2
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h
     if floating is float:
-        fn_ch_moments_f32(x + (p * Q + b * h) * C, n, C, bmean + task * C, bm2 + task * C)
+        fn_channels_moments_f32(x + (p * Q + b * h) * C, n, C, bmean + task * C, bm2 + task * C)
     else:
-        fn_ch_moments_f64(x + (p * Q + b * h) * C, n, C, bmean + task * C, bm2 + task * C)
+        fn_channels_moments_f64(x + (p * Q + b * h) * C, n, C, bmean + task * C, bm2 + task * C)
 
 
-cdef void _ch_moments_t(const floating *x, double *mean, double *m2, double *buf, Py_ssize_t P,
-                        Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
+cdef void _channels_moments_t(const floating *x, double *mean, double *m2, double *buf,
+                              Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
     # IN x (P, Q, C)   OUT mean, m2 (P, C) float64; buf: 2 * P * nb * C block partials
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
     cdef double *bmean = buf
     cdef double *bm2 = buf + P * nb * C
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _ch_moments_block(x, bmean, bm2, Q, C, h, nb, k)
+            _channels_moments_block(x, bmean, bm2, Q, C, h, nb, k)
         for k in prange(P, num_threads=nt, schedule="static"):
-            fn_ch_merge_moments(nb, h, Q, C, bmean + k * nb * C, bm2 + k * nb * C,
-                                mean + k * C, m2 + k * C)
+            fn_channels_moments_merge(nb, h, Q, C, bmean + k * nb * C, bm2 + k * nb * C,
+                                      mean + k * C, m2 + k * C)
     else:
         for k in range(P * nb):
-            _ch_moments_block(x, bmean, bm2, Q, C, h, nb, k)
+            _channels_moments_block(x, bmean, bm2, Q, C, h, nb, k)
         for k in range(P):
-            fn_ch_merge_moments(nb, h, Q, C, bmean + k * nb * C, bm2 + k * nb * C,
-                                mean + k * C, m2 + k * C)
+            fn_channels_moments_merge(nb, h, Q, C, bmean + k * nb * C, bm2 + k * nb * C,
+                                      mean + k * C, m2 + k * C)
 
 
 cdef double *_partials(Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C) except NULL:
@@ -790,9 +790,9 @@ cdef _channels_moments(x, mean, m2, int nt):
     cdef double *buf = _partials(P, Q, C)
     with nogil:
         if t == _F32:
-            _ch_moments_t(<const float *>px, pm, p2, buf, P, Q, C, nt)
+            _channels_moments_t(<const float *>px, pm, p2, buf, P, Q, C, nt)
         else:
-            _ch_moments_t(<const double *>px, pm, p2, buf, P, Q, C, nt)
+            _channels_moments_t(<const double *>px, pm, p2, buf, P, Q, C, nt)
     free(buf)
 
 
@@ -808,32 +808,33 @@ def channels_moments_parallel(x, mean, m2):
 
 # ------------------------------------------------------------------------ channels_scale_shift
 
-cdef inline void _ch_scale_shift_block(const floating *x, const double *mean,
-                                       const double *alpha, const double *beta, floating *y,
-                                       Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
-                                       Py_ssize_t nb, Py_ssize_t task, int nts) noexcept nogil:
+cdef inline void _channels_scale_shift_block(const floating *x, const double *mean,
+                                             const double *alpha, const double *beta,
+                                             floating *y, Py_ssize_t Q, Py_ssize_t C,
+                                             Py_ssize_t h, Py_ssize_t nb, Py_ssize_t task,
+                                             int nts) noexcept nogil:
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
     if floating is float:
-        fn_ch_scale_shift_f32(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
-                              y + off, nts)
+        fn_channels_scale_shift_f32(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
+                                    y + off, nts)
     else:
-        fn_ch_scale_shift_f64(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
-                              y + off, nts)
+        fn_channels_scale_shift_f64(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
+                                    y + off, nts)
 
 
-cdef void _ch_scale_shift_t(const floating *x, const double *mean, const double *alpha,
-                            const double *beta, floating *y, Py_ssize_t P, Py_ssize_t Q,
-                            Py_ssize_t C, int nt) noexcept nogil:
+cdef void _channels_scale_shift_t(const floating *x, const double *mean, const double *alpha,
+                                  const double *beta, floating *y, Py_ssize_t P, Py_ssize_t Q,
+                                  Py_ssize_t C, int nt) noexcept nogil:
     # IN x (P, Q, C), mean/alpha/beta (P, C) float64   OUT y (P, Q, C)
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
     cdef int nts = _streaming((P * Q * C) * sizeof(floating))
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _ch_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
+            _channels_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
     else:
         for k in range(P * nb):
-            _ch_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
+            _channels_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
 
 
 cdef _channels_scale_shift(x, mean, alpha, beta, y, int nt):
@@ -847,9 +848,9 @@ cdef _channels_scale_shift(x, mean, alpha, beta, y, int nt):
     _disjoint_or_same(y, x, "y", "x")
     with nogil:
         if t == _F32:
-            _ch_scale_shift_t(<const float *>px, pm, pa, pb, <float *>py, P, Q, C, nt)
+            _channels_scale_shift_t(<const float *>px, pm, pa, pb, <float *>py, P, Q, C, nt)
         else:
-            _ch_scale_shift_t(<const double *>px, pm, pa, pb, <double *>py, P, Q, C, nt)
+            _channels_scale_shift_t(<const double *>px, pm, pa, pb, <double *>py, P, Q, C, nt)
 
 
 def channels_scale_shift(x, mean, alpha, beta, y):
@@ -864,34 +865,34 @@ def channels_scale_shift_parallel(x, mean, alpha, beta, y):
 
 # ------------------------------------------------------------------------ channels_dot
 
-cdef inline void _ch_dot_block(const floating *dy, const floating *x, const double *mean,
-                               double *bs, double *bsx, Py_ssize_t Q, Py_ssize_t C,
-                               Py_ssize_t h, Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
+cdef inline void _channels_dot_block(const floating *dy, const floating *x, const double *mean,
+                                     double *bs, double *bsx, Py_ssize_t Q, Py_ssize_t C,
+                                     Py_ssize_t h, Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
     if floating is float:
-        fn_ch_dot_f32(dy + off, x + off, n, C, mean + p * C, bs + task * C, bsx + task * C)
+        fn_channels_dot_f32(dy + off, x + off, n, C, mean + p * C, bs + task * C, bsx + task * C)
     else:
-        fn_ch_dot_f64(dy + off, x + off, n, C, mean + p * C, bs + task * C, bsx + task * C)
+        fn_channels_dot_f64(dy + off, x + off, n, C, mean + p * C, bs + task * C, bsx + task * C)
 
 
-cdef void _ch_dot_t(const floating *dy, const floating *x, const double *mean, double *s,
-                    double *sx, double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
-                    int nt) noexcept nogil:
+cdef void _channels_dot_t(const floating *dy, const floating *x, const double *mean, double *s,
+                          double *sx, double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
+                          int nt) noexcept nogil:
     # IN dy, x (P, Q, C), mean (P, C) float64   OUT sum_dy, sum_dyxc (P, C) float64
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
     cdef double *bs = buf
     cdef double *bsx = buf + P * nb * C
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _ch_dot_block(dy, x, mean, bs, bsx, Q, C, h, nb, k)
+            _channels_dot_block(dy, x, mean, bs, bsx, Q, C, h, nb, k)
         for k in prange(P, num_threads=nt, schedule="static"):
-            fn_ch_merge_sums(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C, sx + k * C)
+            fn_channels_dot_merge(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C, sx + k * C)
     else:
         for k in range(P * nb):
-            _ch_dot_block(dy, x, mean, bs, bsx, Q, C, h, nb, k)
+            _channels_dot_block(dy, x, mean, bs, bsx, Q, C, h, nb, k)
         for k in range(P):
-            fn_ch_merge_sums(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C, sx + k * C)
+            fn_channels_dot_merge(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C, sx + k * C)
 
 
 cdef _channels_dot(dy, x, mean, sum_dy, sum_dyxc, int nt):
@@ -905,9 +906,9 @@ cdef _channels_dot(dy, x, mean, sum_dy, sum_dyxc, int nt):
     cdef double *buf = _partials(P, Q, C)
     with nogil:
         if t == _F32:
-            _ch_dot_t(<const float *>pdy, <const float *>px, pm, ps, psx, buf, P, Q, C, nt)
+            _channels_dot_t(<const float *>pdy, <const float *>px, pm, ps, psx, buf, P, Q, C, nt)
         else:
-            _ch_dot_t(<const double *>pdy, <const double *>px, pm, ps, psx, buf, P, Q, C, nt)
+            _channels_dot_t(<const double *>pdy, <const double *>px, pm, ps, psx, buf, P, Q, C, nt)
     free(buf)
 
 
@@ -923,32 +924,34 @@ def channels_dot_parallel(dy, x, mean, sum_dy, sum_dyxc):
 
 # ------------------------------------------------------------------------ channels_bwd_apply
 
-cdef inline void _ch_bwd_apply_block(const floating *dy, const floating *x, const double *mean,
-                                     const double *c1, const double *c2, const double *c3,
-                                     floating *dx, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
-                                     Py_ssize_t nb, Py_ssize_t task, int nts) noexcept nogil:
+cdef inline void _channels_bwd_apply_block(const floating *dy, const floating *x,
+                                           const double *mean, const double *c1,
+                                           const double *c2, const double *c3, floating *dx,
+                                           Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
+                                           Py_ssize_t nb, Py_ssize_t task,
+                                           int nts) noexcept nogil:
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
     if floating is float:
-        fn_ch_bwd_apply_f32(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
-                            c3 + p * C, dx + off, nts)
+        fn_channels_bwd_apply_f32(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
+                                  c3 + p * C, dx + off, nts)
     else:
-        fn_ch_bwd_apply_f64(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
-                            c3 + p * C, dx + off, nts)
+        fn_channels_bwd_apply_f64(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
+                                  c3 + p * C, dx + off, nts)
 
 
-cdef void _ch_bwd_apply_t(const floating *dy, const floating *x, const double *mean,
-                          const double *c1, const double *c2, const double *c3, floating *dx,
-                          Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
+cdef void _channels_bwd_apply_t(const floating *dy, const floating *x, const double *mean,
+                                const double *c1, const double *c2, const double *c3, floating *dx,
+                                Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
     # IN dy, x (P, Q, C), mean/c1/c2/c3 (P, C) float64   OUT dx (P, Q, C)
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
     cdef int nts = _streaming((P * Q * C) * sizeof(floating))
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _ch_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
+            _channels_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
     else:
         for k in range(P * nb):
-            _ch_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
+            _channels_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
 
 
 cdef _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
@@ -965,11 +968,11 @@ cdef _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
     _disjoint(dx, x, "dx", "x")
     with nogil:
         if t == _F32:
-            _ch_bwd_apply_t(<const float *>pdy, <const float *>px, pm, p1, p2, p3,
-                            <float *>pdx, P, Q, C, nt)
+            _channels_bwd_apply_t(<const float *>pdy, <const float *>px, pm, p1, p2, p3,
+                                  <float *>pdx, P, Q, C, nt)
         else:
-            _ch_bwd_apply_t(<const double *>pdy, <const double *>px, pm, p1, p2, p3,
-                            <double *>pdx, P, Q, C, nt)
+            _channels_bwd_apply_t(<const double *>pdy, <const double *>px, pm, p1, p2, p3,
+                                  <double *>pdx, P, Q, C, nt)
 
 
 def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
@@ -984,22 +987,22 @@ def channels_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
 
 # ------------------------------------------------------------------------ channels_fwd_grouped
 
-cdef inline void _ch_fwd_grouped_c(const floating *x, const floating *w, const floating *b,
-                                   double eps, floating *y, floating *mean, floating *rstd,
-                                   double *buf, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
-                                   Py_ssize_t h, Py_ssize_t p, int nts) noexcept nogil:
+cdef inline void _channels_fwd_grouped_c(const floating *x, const floating *w, const floating *b,
+                                         double eps, floating *y, floating *mean, floating *rstd,
+                                         double *buf, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
+                                         Py_ssize_t h, Py_ssize_t p, int nts) noexcept nogil:
     if floating is float:
-        fn_ch_fwd_grouped_f32(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
-                              mean + p * G, rstd + p * G, buf, nts)
+        fn_channels_fwd_grouped_f32(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
+                                    mean + p * G, rstd + p * G, buf, nts)
     else:
-        fn_ch_fwd_grouped_f64(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
-                              mean + p * G, rstd + p * G, buf, nts)
+        fn_channels_fwd_grouped_f64(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
+                                    mean + p * G, rstd + p * G, buf, nts)
 
 
-cdef void _ch_fwd_grouped_t(const floating *x, const floating *w, const floating *b,
-                            double eps, floating *y, floating *mean, floating *rstd,
-                            double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
-                            Py_ssize_t G, int nt) noexcept nogil:
+cdef void _channels_fwd_grouped_t(const floating *x, const floating *w, const floating *b,
+                                  double eps, floating *y, floating *mean, floating *rstd,
+                                  double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
+                                  Py_ssize_t G, int nt) noexcept nogil:
     # IN x (P, Q, C), w/b (C,) or NULL   OUT y (P, Q, C), mean/rstd (P, G)
     # buf: P slices of _grouped_scratch(Q, C) doubles; one sample per task (any thread count
     # computes each sample the same way)
@@ -1007,14 +1010,14 @@ cdef void _ch_fwd_grouped_t(const floating *x, const floating *w, const floating
     cdef int nts = _streaming((P * Q * C) * sizeof(floating))
     if nt > 1 and P > 1:
         for p in prange(P, num_threads=nt, schedule="static"):
-            _ch_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf + p * per, Q, C, G, h, p, nts)
+            _channels_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf + p * per, Q, C, G, h, p, nts)
     else:
         for p in range(P):
-            _ch_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf, Q, C, G, h, p, nts)
+            _channels_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf, Q, C, G, h, p, nts)
 
 
 cdef inline Py_ssize_t _grouped_scratch(Py_ssize_t Q, Py_ssize_t C) noexcept nogil:
-    """float64 scratch of fn_ch_fwd_grouped for one sample: 2*nb*C + 4*C."""
+    """float64 scratch of fn_channels_fwd_grouped for one sample: 2*nb*C + 4*C."""
     cdef Py_ssize_t h = _block_rows(Q, C)
     return (2 * ((Q + h - 1) // h) + 4) * C
 
@@ -1039,12 +1042,12 @@ cdef _channels_fwd_grouped(x, weight, bias, double eps, y, mean, rstd, int nt):
         raise MemoryError()
     with nogil:
         if t == _F32:
-            _ch_fwd_grouped_t(<const float *>px, <const float *>pw, <const float *>pb, eps,
-                              <float *>py, <float *>pm, <float *>pr, buf, P, Q, C, G, nt)
+            _channels_fwd_grouped_t(<const float *>px, <const float *>pw, <const float *>pb, eps,
+                                    <float *>py, <float *>pm, <float *>pr, buf, P, Q, C, G, nt)
         else:
-            _ch_fwd_grouped_t(<const double *>px, <const double *>pw, <const double *>pb,
-                              eps, <double *>py, <double *>pm, <double *>pr, buf, P, Q, C, G,
-                              nt)
+            _channels_fwd_grouped_t(<const double *>px, <const double *>pw, <const double *>pb,
+                                    eps, <double *>py, <double *>pm, <double *>pr, buf, P, Q, C, G,
+                                    nt)
     free(buf)
 
 
@@ -1063,36 +1066,36 @@ def channels_fwd_grouped_parallel(x, weight, bias, eps, y, mean, rstd):
 # so that one-row inference (BN eval on (1, C)) is one call with no NumPy temporaries.
 # fastnorm._dispatch composes it from channels_scale_shift for backends without it.
 
-cdef inline void _ch_eval_block(const floating *x, const floating *cf, floating *y,
-                                Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t k,
-                                int nts) noexcept nogil:
+cdef inline void _channels_eval_block(const floating *x, const floating *cf, floating *y,
+                                      Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t k,
+                                      int nts) noexcept nogil:
     # rows [k*h, min(Q, (k+1)*h)) with the coefficients cf = mh, ml, af, bf (4 x C)
     cdef Py_ssize_t n = min(Q, k * h + h) - k * h
     if floating is float:
-        fn_ch_eval_apply_f32(x + k * h * C, n, C, cf, cf + C, cf + 2 * C, cf + 3 * C,
-                             y + k * h * C, nts)
+        fn_channels_eval_apply_f32(x + k * h * C, n, C, cf, cf + C, cf + 2 * C, cf + 3 * C,
+                                   y + k * h * C, nts)
     else:
-        fn_ch_eval_apply_f64(x + k * h * C, n, C, cf, cf + C, cf + 2 * C, cf + 3 * C,
-                             y + k * h * C, nts)
+        fn_channels_eval_apply_f64(x + k * h * C, n, C, cf, cf + C, cf + 2 * C, cf + 3 * C,
+                                   y + k * h * C, nts)
 
 
-cdef void _ch_eval_t(const floating *x, const floating *mean, const floating *var,
-                     const floating *w, const floating *b, double eps, floating *y,
-                     floating *cf, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
+cdef void _channels_eval_t(const floating *x, const floating *mean, const floating *var,
+                           const floating *w, const floating *b, double eps, floating *y,
+                           floating *cf, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
     # IN x (Q, C), mean/var (C,), w/b (C,)|NULL   OUT y = (x - mean) * (rstd * w) + b
     # cf: room for 4 * C coefficients
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
     cdef int nts = _streaming((Q * C) * sizeof(floating))
     if floating is float:
-        fn_ch_eval_coefs_f32(mean, var, w, b, eps, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
+        fn_channels_eval_coefs_f32(mean, var, w, b, eps, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
     else:
-        fn_ch_eval_coefs_f64(mean, var, w, b, eps, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
+        fn_channels_eval_coefs_f64(mean, var, w, b, eps, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
     if nt > 1 and nb > 1:
         for k in prange(nb, num_threads=nt, schedule="static"):
-            _ch_eval_block(x, cf, y, Q, C, h, k, nts)
+            _channels_eval_block(x, cf, y, Q, C, h, k, nts)
     else:
         for k in range(nb):
-            _ch_eval_block(x, cf, y, Q, C, h, k, nts)
+            _channels_eval_block(x, cf, y, Q, C, h, k, nts)
 
 
 cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
@@ -1125,13 +1128,13 @@ cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
         raise MemoryError()
     with nogil:
         if t == _F32:
-            _ch_eval_t(<const float *>px, <const float *>pm, <const float *>pv,
-                       <const float *>pw, <const float *>pb, eps, <float *>py, <float *>buf,
-                       Q, C, nt)
+            _channels_eval_t(<const float *>px, <const float *>pm, <const float *>pv,
+                             <const float *>pw, <const float *>pb, eps, <float *>py, <float *>buf,
+                             Q, C, nt)
         else:
-            _ch_eval_t(<const double *>px, <const double *>pm, <const double *>pv,
-                       <const double *>pw, <const double *>pb, eps, <double *>py,
-                       <double *>buf, Q, C, nt)
+            _channels_eval_t(<const double *>px, <const double *>pm, <const double *>pv,
+                             <const double *>pw, <const double *>pb, eps, <double *>py,
+                             <double *>buf, Q, C, nt)
     free(buf)
 
 

@@ -249,9 +249,9 @@ FN_INLINE void fn_chan_merge(double *n_a, double *mean_a, double *m2_a,
 
 /* channels_moments: merge nb block moments (bmean, bm2: (nb, C); block b holds rows
  * [b*h, min(Q, (b+1)*h))) in block order, as repeated fn_chan_merge. OUT mean, m2 (C,) */
-FN_CLONES static void fn_ch_merge_moments(ptrdiff_t nb, ptrdiff_t h, ptrdiff_t Q, ptrdiff_t C,
-                                          const double *bmean, const double *bm2,
-                                          double *mean, double *m2)
+FN_CLONES static void fn_channels_moments_merge(ptrdiff_t nb, ptrdiff_t h, ptrdiff_t Q,
+                                               ptrdiff_t C, const double *bmean,
+                                               const double *bm2, double *mean, double *m2)
 {
     ptrdiff_t b, c;
     double cnt, n_b, n, f, g;
@@ -283,8 +283,8 @@ FN_CLONES static void fn_ch_merge_moments(ptrdiff_t nb, ptrdiff_t h, ptrdiff_t Q
 }
 
 /* channels_dot: add nb block sums (bs, bsx: (nb, C)) in block order. OUT s, sx (C,) */
-FN_CLONES static void fn_ch_merge_sums(ptrdiff_t nb, ptrdiff_t C, const double *bs,
-                                       const double *bsx, double *s, double *sx)
+FN_CLONES static void fn_channels_dot_merge(ptrdiff_t nb, ptrdiff_t C, const double *bs,
+                                            const double *bsx, double *s, double *sx)
 {
     ptrdiff_t b, c;
     for (c = 0; c < C; c++) {
@@ -355,20 +355,20 @@ static int fn_isa = 1; /* the body in use: 4 (AVX-512), 3 (AVX2+FMA) or 1 (basel
 #define fn_rows_bwd_apply_f64 FN_PICK(fn_rows_bwd_apply_f64)
 #define fn_rows_bwd_grouped_f32 FN_PICK(fn_rows_bwd_grouped_f32)
 #define fn_rows_bwd_grouped_f64 FN_PICK(fn_rows_bwd_grouped_f64)
-#define fn_ch_moments_f32 FN_PICK(fn_ch_moments_f32)
-#define fn_ch_moments_f64 FN_PICK(fn_ch_moments_f64)
-#define fn_ch_scale_shift_f32 FN_PICK(fn_ch_scale_shift_f32)
-#define fn_ch_scale_shift_f64 FN_PICK(fn_ch_scale_shift_f64)
-#define fn_ch_dot_f32 FN_PICK(fn_ch_dot_f32)
-#define fn_ch_dot_f64 FN_PICK(fn_ch_dot_f64)
-#define fn_ch_bwd_apply_f32 FN_PICK(fn_ch_bwd_apply_f32)
-#define fn_ch_bwd_apply_f64 FN_PICK(fn_ch_bwd_apply_f64)
-#define fn_ch_fwd_grouped_f32 FN_PICK(fn_ch_fwd_grouped_f32)
-#define fn_ch_fwd_grouped_f64 FN_PICK(fn_ch_fwd_grouped_f64)
-#define fn_ch_eval_coefs_f32 FN_PICK(fn_ch_eval_coefs_f32)
-#define fn_ch_eval_coefs_f64 FN_PICK(fn_ch_eval_coefs_f64)
-#define fn_ch_eval_apply_f32 FN_PICK(fn_ch_eval_apply_f32)
-#define fn_ch_eval_apply_f64 FN_PICK(fn_ch_eval_apply_f64)
+#define fn_channels_moments_f32 FN_PICK(fn_channels_moments_f32)
+#define fn_channels_moments_f64 FN_PICK(fn_channels_moments_f64)
+#define fn_channels_scale_shift_f32 FN_PICK(fn_channels_scale_shift_f32)
+#define fn_channels_scale_shift_f64 FN_PICK(fn_channels_scale_shift_f64)
+#define fn_channels_dot_f32 FN_PICK(fn_channels_dot_f32)
+#define fn_channels_dot_f64 FN_PICK(fn_channels_dot_f64)
+#define fn_channels_bwd_apply_f32 FN_PICK(fn_channels_bwd_apply_f32)
+#define fn_channels_bwd_apply_f64 FN_PICK(fn_channels_bwd_apply_f64)
+#define fn_channels_fwd_grouped_f32 FN_PICK(fn_channels_fwd_grouped_f32)
+#define fn_channels_fwd_grouped_f64 FN_PICK(fn_channels_fwd_grouped_f64)
+#define fn_channels_eval_coefs_f32 FN_PICK(fn_channels_eval_coefs_f32)
+#define fn_channels_eval_coefs_f64 FN_PICK(fn_channels_eval_coefs_f64)
+#define fn_channels_eval_apply_f32 FN_PICK(fn_channels_eval_apply_f32)
+#define fn_channels_eval_apply_f64 FN_PICK(fn_channels_eval_apply_f64)
 
 /* The best body this CPU runs, or ``want`` (4, 3, 1) when the CPU runs it (tests, and
  * FASTNORM_SIMD); returns the level now in use. Called at import, before any kernel. */

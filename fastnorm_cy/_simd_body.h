@@ -558,8 +558,8 @@ FN_TARGET static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x
 
 /* IN x block (n, C)   OUT mu, s2 (C,) float64: the block's mean and M2 per column, two
  * passes (the block is in L1 for the second), float64 accumulation */
-FN_TARGET static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
-                                             double *FN_RESTRICT mu, double *FN_RESTRICT s2)
+FN_TARGET static void FN_NAME(fn_channels_moments)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+                                                   double *FN_RESTRICT mu, double *FN_RESTRICT s2)
 {
     ptrdiff_t q, c, c0 = 0;
 #if FN_VEC
@@ -614,10 +614,10 @@ FN_TARGET static void FN_NAME(fn_ch_moments)(const FN_T *x, ptrdiff_t n, ptrdiff
 /* n rows of w columns, row stride ld: y = ((x - mh) - ml) * af + bf in FN_T lanes (see
  * FN_APPLYV) with FN_T coefficients (w,). y is x (in place) or does not overlap it (checked by
  * the caller); each vector is loaded before it is stored, so both run the same loop. */
-FN_INLINE void FN_NAME(fn_ch_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t w, ptrdiff_t ld,
-                                    const FN_T *FN_RESTRICT mh, const FN_T *FN_RESTRICT ml,
-                                    const FN_T *FN_RESTRICT af, const FN_T *FN_RESTRICT bf,
-                                    FN_T *y, int nts)
+FN_INLINE void FN_NAME(fn_channels_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t w, ptrdiff_t ld,
+                                          const FN_T *FN_RESTRICT mh, const FN_T *FN_RESTRICT ml,
+                                          const FN_T *FN_RESTRICT af, const FN_T *FN_RESTRICT bf,
+                                          FN_T *y, int nts)
 {
     ptrdiff_t q, c;
 #define FN_CH_ROWS(W) \
@@ -642,11 +642,11 @@ FN_INLINE void FN_NAME(fn_ch_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t w, ptr
 /* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b, in FN_T lanes: the
  * mean split hi + lo, a and b rounded to FN_T, FN_CH_COLS columns at a time. */
 #define FN_CH_COLS 256
-FN_TARGET static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
-                                                 const double *FN_RESTRICT m,
-                                                 const double *FN_RESTRICT a,
-                                                 const double *FN_RESTRICT b, FN_T *y,
-                                                 int nts)
+FN_TARGET static void FN_NAME(fn_channels_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+                                                       const double *FN_RESTRICT m,
+                                                       const double *FN_RESTRICT a,
+                                                       const double *FN_RESTRICT b, FN_T *y,
+                                                       int nts)
 {
     FN_T mh[FN_CH_COLS], ml[FN_CH_COLS], af[FN_CH_COLS], bf[FN_CH_COLS];
     ptrdiff_t c, c0;
@@ -658,16 +658,16 @@ FN_TARGET static void FN_NAME(fn_ch_scale_shift)(const FN_T *x, ptrdiff_t n, ptr
             af[c] = (FN_T)a[c0 + c];
             bf[c] = (FN_T)b[c0 + c];
         }
-        FN_NAME(fn_ch_apply)(x + c0, n, w, C, mh, ml, af, bf, y + c0, nts);
+        FN_NAME(fn_channels_apply)(x + c0, n, w, C, mh, ml, af, bf, y + c0, nts);
     }
     if (nts)
         FN_SFENCE();
 }
 
 /* IN dy, x blocks (n, C), m (C,) float64   OUT s, sx (C,) float64: sums of dy, dy*(x - m) */
-FN_TARGET static void FN_NAME(fn_ch_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t n,
-                                         ptrdiff_t C, const double *FN_RESTRICT m,
-                                         double *FN_RESTRICT s, double *FN_RESTRICT sx)
+FN_TARGET static void FN_NAME(fn_channels_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t n,
+                                               ptrdiff_t C, const double *FN_RESTRICT m,
+                                               double *FN_RESTRICT s, double *FN_RESTRICT sx)
 {
     ptrdiff_t q, c, c0 = 0;
 #if FN_VEC
@@ -713,13 +713,13 @@ FN_TARGET static void FN_NAME(fn_ch_dot)(const FN_T *dy, const FN_T *x, ptrdiff_
 
 /* IN dy, x blocks (n, C), m/c1/c2/c3 (C,) float64   OUT dx = c1*dy + c2*(x - m) + c3
  * dx does not overlap dy or x (checked by the caller). */
-FN_TARGET static void FN_NAME(fn_ch_bwd_apply)(const FN_T *FN_RESTRICT dy,
-                                               const FN_T *FN_RESTRICT x, ptrdiff_t n,
-                                               ptrdiff_t C, const double *FN_RESTRICT m,
-                                               const double *FN_RESTRICT c1,
-                                               const double *FN_RESTRICT c2,
-                                               const double *FN_RESTRICT c3,
-                                               FN_T *FN_RESTRICT dx, int nts)
+FN_TARGET static void FN_NAME(fn_channels_bwd_apply)(const FN_T *FN_RESTRICT dy,
+                                                     const FN_T *FN_RESTRICT x, ptrdiff_t n,
+                                                     ptrdiff_t C, const double *FN_RESTRICT m,
+                                                     const double *FN_RESTRICT c1,
+                                                     const double *FN_RESTRICT c2,
+                                                     const double *FN_RESTRICT c3,
+                                                     FN_T *FN_RESTRICT dx, int nts)
 {
     ptrdiff_t q, c;
     for (q = 0; q < n; q++) {
@@ -740,11 +740,11 @@ FN_TARGET static void FN_NAME(fn_ch_bwd_apply)(const FN_T *FN_RESTRICT dy,
  * L3) between the statistics and the apply, so x is read from memory once. Per-column block
  * moments merged in block order (as channels_moments), then the K columns of a group merged
  * as equal-count sets (as fastnorm._geometry.merge_equal), as fastnorm/_numba. */
-FN_TARGET static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptrdiff_t C,
-                                                 ptrdiff_t G, ptrdiff_t h, const FN_T *w,
-                                                 const FN_T *b, double eps, FN_T *y,
-                                                 FN_T *mean, FN_T *rstd,
-                                                 double *FN_RESTRICT buf, int nts)
+FN_TARGET static void FN_NAME(fn_channels_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptrdiff_t C,
+                                                       ptrdiff_t G, ptrdiff_t h, const FN_T *w,
+                                                       const FN_T *b, double eps, FN_T *y,
+                                                       FN_T *mean, FN_T *rstd,
+                                                       double *FN_RESTRICT buf, int nts)
 {
     const ptrdiff_t nb = (Q + h - 1) / h, K = C / G;
     double *bmean = buf, *bm2 = buf + nb * C, *m = bm2 + nb * C, *m2 = m + C;
@@ -752,9 +752,9 @@ FN_TARGET static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptr
     ptrdiff_t blk, g, k;
     for (blk = 0; blk < nb; blk++) {
         const ptrdiff_t lo = blk * h, n = (Q - lo < h ? Q - lo : h);
-        FN_NAME(fn_ch_moments)(x + lo * C, n, C, bmean + blk * C, bm2 + blk * C);
+        FN_NAME(fn_channels_moments)(x + lo * C, n, C, bmean + blk * C, bm2 + blk * C);
     }
-    fn_ch_merge_moments(nb, h, Q, C, bmean, bm2, m, m2);
+    fn_channels_moments_merge(nb, h, Q, C, bmean, bm2, m, m2);
     for (g = 0; g < G; g++) {
         double mg = 0.0, s2 = 0.0, dev = 0.0, var, r64;
         for (k = 0; k < K; k++)
@@ -776,18 +776,18 @@ FN_TARGET static void FN_NAME(fn_ch_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptr
         mean[g] = (FN_T)mg;
         rstd[g] = (FN_T)r64;
     }
-    FN_NAME(fn_ch_scale_shift)(x, Q, C, m, a, be, y, nts);
+    FN_NAME(fn_channels_scale_shift)(x, Q, C, m, a, be, y, nts);
 }
 
 /* Eval-mode coefficients from fixed statistics (channels_eval): IN mean/var (C,), w/b (C,)
- * or NULL, eps   OUT mh, ml, af, bf (C,) FN_T for fn_ch_eval_apply. The values
- * fn_ch_scale_shift would convert from the API's NumPy coefficients (rstd = 1 / sqrt(var +
+ * or NULL, eps   OUT mh, ml, af, bf (C,) FN_T for fn_channels_eval_apply. The values
+ * fn_channels_scale_shift would convert from the API's NumPy coefficients (rstd = 1 / sqrt(var +
  * eps) and a = rstd * w in float64, then rounded), so fused and composed give the same bits;
  * the mean is already FN_T, so its low part is 0. */
-FN_TARGET static void FN_NAME(fn_ch_eval_coefs)(const FN_T *mean, const FN_T *var,
-                                                const FN_T *w, const FN_T *b, double eps,
-                                                ptrdiff_t C, FN_T *mh, FN_T *ml, FN_T *af,
-                                                FN_T *bf)
+FN_TARGET static void FN_NAME(fn_channels_eval_coefs)(const FN_T *mean, const FN_T *var,
+                                                      const FN_T *w, const FN_T *b, double eps,
+                                                      ptrdiff_t C, FN_T *mh, FN_T *ml, FN_T *af,
+                                                      FN_T *bf)
 {
     ptrdiff_t c;
 #pragma omp simd
@@ -800,13 +800,13 @@ FN_TARGET static void FN_NAME(fn_ch_eval_coefs)(const FN_T *mean, const FN_T *va
     }
 }
 
-/* channels_eval on a block of n rows (n, C) with the coefficients of fn_ch_eval_coefs */
-FN_TARGET static void FN_NAME(fn_ch_eval_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
-                                                const FN_T *mh, const FN_T *ml,
-                                                const FN_T *af, const FN_T *bf, FN_T *y,
-                                                int nts)
+/* channels_eval on a block of n rows (n, C) with the coefficients of fn_channels_eval_coefs */
+FN_TARGET static void FN_NAME(fn_channels_eval_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+                                                      const FN_T *mh, const FN_T *ml,
+                                                      const FN_T *af, const FN_T *bf, FN_T *y,
+                                                      int nts)
 {
-    FN_NAME(fn_ch_apply)(x, n, C, C, mh, ml, af, bf, y, nts);
+    FN_NAME(fn_channels_apply)(x, n, C, C, mh, ml, af, bf, y, nts);
     if (nts)
         FN_SFENCE();
 }
