@@ -10,16 +10,35 @@ Two layers, both written for clarity rather than speed:
    and outputs as ``fastnorm._numba`` and ``fastnorm_cy``. They are registered as the
    ``"numpy"`` backend and serve any input the compiled backends decline.
 
-Kernel contract (every backend): arrays are C-contiguous; ``T`` is float32 or float64 (the
-data dtype); per-row/per-channel moments and backward sums are float64; outputs are written
-into the arrays passed in, nothing is returned.
+Kernel contract (every backend): arrays are C-contiguous; ``T`` is the data dtype, that of
+x, y, dy and dx: float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``); ``S`` is
+the dtype of per-row statistics and of the fused kernels' weight/bias: T for float32 and
+float64 data, float32 for half-precision data; per-row/per-channel moments, backward sums
+and coefficients are float64 for every T; outputs are written into the arrays passed in,
+nothing is returned.
+
+Half precision (T float16 or bfloat16): every load of the data is converted to float32 in
+registers, statistics are accumulated in float32 or better (float64 where the loop is
+memory-bound and it is free) and each output is rounded once to T, to nearest even; no
+array is ever converted whole. The weight/bias of a fused kernel (S arrays) may also be
+given in T itself: they are converted to float32 (C or M values, never the data). bfloat16
+needs ml_dtypes; without it nothing about bfloat16 exists and nothing else changes.
+
+Numerics every backend keeps: a constant row or channel has exactly that constant as its
+mean (float64 means are corrected by the mean deviation from them, or shifted by the first
+value, where the rounded sum of n float64 copies would miss it), so its output is exactly
+beta; values near the dtype's largest (float32 to ~3e38, where float32
+accumulators overflow) give finite statistics (the sums are redone on the data scaled by a
+power of two when they overflow). float64 M2 beyond float64's range overflows, in the
+twins as in the kernels.
 
     rows (x is (R, M), statistics per row)
-      rows_fwd(x, weight|None, bias|None, eps, rms, y, mean, rstd)     mean, rstd: (R,) T
+      rows_fwd(x, weight|None, bias|None, eps, rms, y, mean, rstd)     mean, rstd: (R,) S
       rows_fwd_grouped(x, weight|None, bias|None, eps, y, mean, rstd)
           x, y: (R, K, S), statistics per row over (K, S); weight/bias (G, K): row r, segment
           k is scaled by weight[r % G, k] (instance norm (N*C, 1, S), group norm (N*G, C/G, S))
       rows_bwd(dy, x, mean, rstd, weight|None, rms, dx, dw_part|None, db_part|None)
+          mean, rstd: (R,) S (as rows_fwd returned them)
           dw_part, db_part: (B, M) f64, B row blocks (block b = rows [b*R//B, (b+1)*R//B))
       rows_moments(x, mean, m2)                      (R,) f64: mean and sum((x - mean)**2)
       rows_scale_shift(x, mean, alpha, beta, y)      y = (x - mean[r]) * alpha[r] + beta[r]
@@ -36,7 +55,7 @@ into the arrays passed in, nothing is returned.
       channels_bwd_apply(dy, x, mean, c1, c2, c3, dx)
       channels_fwd_grouped(x, weight|None, bias|None, eps, y, mean, rstd)
           x, y: (P, Q, C); statistics per (p, g) over q and the C/G channels of group g,
-          G = mean.shape[1]; weight/bias (C,); mean, rstd: (P, G) T (instance norm G = C,
+          G = mean.shape[1]; weight/bias (C,); mean, rstd: (P, G) S (instance norm G = C,
           group norm channels-last)
 """
 import numpy as np
@@ -280,6 +299,45 @@ def instance_norm_backward(dy, x, mean, rstd, weight=None, use_input_stats=True,
 # ----------------------------------------------------------------------------------------
 
 
+def _moments(x64, axes):
+    """Mean and M2 of float64 ``x64`` over ``axes`` (kept as size-1 dims), as the kernels
+    compute them: two-pass, the mean corrected by the mean deviation from it (so that a
+    constant slice's mean is exactly that constant: a rounded sum of float64 copies is not);
+    where a sum overflowed on finite data (values near float64's largest), again on the
+    slice scaled by a power of two (exact), then scaled back."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        m = x64.mean(axis=axes, keepdims=True)
+        xc = x64 - m
+        mean = np.where(np.isfinite(m), m + xc.mean(axis=axes, keepdims=True), m)
+        m2 = (xc * xc).sum(axis=axes, keepdims=True)
+        redo = ~(np.isfinite(mean) & np.isfinite(m2))
+        if redo.any():
+            amax = np.abs(x64).max(axis=axes, keepdims=True)
+            redo &= np.isfinite(amax)          # inf/NaN data keeps NumPy's answer
+            sc = np.ldexp(1.0, -np.frexp(np.where(redo, amax, 1.0))[1])
+            xs = x64 * sc
+            ms = xs.mean(axis=axes, keepdims=True)
+            ds = xs - ms
+            mean = np.where(redo, ms / sc, mean)
+            m2 = np.where(redo, (ds * ds).sum(axis=axes, keepdims=True) / sc / sc, m2)
+    return mean, m2
+
+
+def _sumsq(x64, axes):
+    """Sum of squares over ``axes`` (kept), scaled by a power of two where it overflowed on
+    finite data (RMS norm's statistic)."""
+    with np.errstate(over="ignore"):
+        ss = (x64 * x64).sum(axis=axes, keepdims=True)
+        redo = ~np.isfinite(ss)
+        if redo.any():
+            amax = np.abs(x64).max(axis=axes, keepdims=True)
+            redo &= np.isfinite(amax)
+            sc = np.ldexp(1.0, -np.frexp(np.where(redo, amax, 1.0))[1])
+            xs = x64 * sc
+            ss = np.where(redo, (xs * xs).sum(axis=axes, keepdims=True) / sc / sc, ss)
+    return ss
+
+
 def _write_affine(xhat, weight, bias, y):
     """y[...] = xhat * weight + bias, weight/bias (per last axis) optional."""
     if weight is not None:
@@ -292,22 +350,26 @@ def _write_affine(xhat, weight, bias, y):
 def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
     # x, y: (R, M)   weight, bias: (M,) or None   mean, rstd: (R,)
     x64 = x.astype(np.float64)
-    mu = np.zeros(x.shape[0]) if rms else x64.mean(axis=1)
-    xc = x64 - mu[:, None]
-    r = 1.0 / np.sqrt((xc * xc).mean(axis=1) + eps)
-    _write_affine(xc * r[:, None], weight, bias, y)
-    mean[...] = mu
-    rstd[...] = r
+    M = x.shape[1]
+    if rms:
+        mu, var = np.zeros((x.shape[0], 1)), _sumsq(x64, (1,)) / M
+    else:
+        mu, m2 = _moments(x64, (1,))
+        var = m2 / M
+    r = 1.0 / np.sqrt(var + eps)
+    _write_affine((x64 - mu) * r, weight, bias, y)
+    mean[...] = mu[:, 0]
+    rstd[...] = r[:, 0]
 
 
 def rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
     # x, y: (R, K, S)   weight, bias: (G, K) or None   mean, rstd: (R,)
     R, K, S = x.shape
     x64 = x.astype(np.float64)
-    mu = x64.mean(axis=(1, 2))
-    xc = x64 - mu[:, None, None]
-    r = 1.0 / np.sqrt((xc * xc).mean(axis=(1, 2)) + eps)
-    out = xc * r[:, None, None]
+    mu, m2 = _moments(x64, (1, 2))
+    r = 1.0 / np.sqrt(m2 / (K * S) + eps)
+    out = (x64 - mu) * r
+    mu, r = mu[:, 0, 0], r[:, 0, 0]
     rows = np.arange(R) % (1 if weight is None and bias is None else
                            (weight if weight is not None else bias).shape[0])
     if weight is not None:
@@ -340,9 +402,9 @@ def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
 
 def rows_moments(x, mean, m2):
     # x: (R, M) -> mean, m2: (R,) float64, m2 = sum of squared deviations
-    x64 = x.astype(np.float64)
-    mean[...] = x64.mean(axis=1)
-    m2[...] = ((x64 - mean[:, None]) ** 2).sum(axis=1)
+    mu, q = _moments(x.astype(np.float64), (1,))
+    mean[...] = mu[:, 0]
+    m2[...] = q[:, 0]
 
 
 def rows_scale_shift(x, mean, alpha, beta, y):
@@ -377,9 +439,9 @@ def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
 
 def channels_moments(x, mean, m2):
     # x: (P, Q, C) -> mean, m2: (P, C) float64
-    x64 = x.astype(np.float64)
-    mean[...] = x64.mean(axis=1)
-    m2[...] = ((x64 - mean[:, None, :]) ** 2).sum(axis=1)
+    mu, q = _moments(x.astype(np.float64), (1,))
+    mean[...] = mu[:, 0]
+    m2[...] = q[:, 0]
 
 
 def channels_scale_shift(x, mean, alpha, beta, y):
@@ -402,12 +464,11 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
     P, Q, C = x.shape
     G = mean.shape[1]
     xg = x.astype(np.float64).reshape(P, Q, G, C // G)
-    mu = xg.mean(axis=(1, 3))
-    xc = xg - mu[:, None, :, None]
-    r = 1.0 / np.sqrt((xc * xc).mean(axis=(1, 3)) + eps)
-    _write_affine((xc * r[:, None, :, None]).reshape(P, Q, C), weight, bias, y)
-    mean[...] = mu
-    rstd[...] = r
+    mu, m2 = _moments(xg, (1, 3))
+    r = 1.0 / np.sqrt(m2 / (Q * (C // G)) + eps)
+    _write_affine(((xg - mu) * r).reshape(P, Q, C), weight, bias, y)
+    mean[...] = mu[:, 0, :, 0]
+    rstd[...] = r[:, 0, :, 0]
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,12 +9,15 @@ Three layers per kernel:
   array (~170 ns fused) here, ~0.5-1.5 us for a kernel's 6-9 arrays, which a one-row call
   cannot afford. Read-only inputs (shared weights) are accepted: only outputs must be
   writeable. Compiled code never sees an unchecked shape.
-- ``_name_t``: one ``nogil`` body for float32 and float64 (``cython.floating``) that splits
-  the work into chunks and runs them serially or in an OpenMP ``prange``. The partition
-  depends only on the shape, and each output element is computed by one chunk in a fixed
-  order, so 1 and N threads give the same bits.
-- the C helpers in ``_simd.h`` (one call per chunk): the per-element loops, explicit SIMD,
-  multiversioned for AVX-512 / AVX2 / baseline.
+- ``_name_t``: one ``nogil`` body for every data type (arrays as ``void *`` and the data's
+  kind: float32, float64, float16 or bfloat16) that splits the work into chunks and runs
+  them serially or in an OpenMP ``prange``. The partition depends only on the shape, and
+  each output element is computed by one chunk in a fixed order, so 1 and N threads give
+  the same bits.
+- ``fn_name`` in ``_simd.h`` (one call per chunk): picks the body of the data's kind in the
+  instruction set in use, whose loops hold the explicit SIMD (AVX-512 / AVX2 / baseline).
+  Half-precision data is converted to float32 in registers on every load and rounded back
+  on every store; nothing is converted whole.
 
 The serial entries never enter the OpenMP runtime, so they also run in a child forked after
 a parallel call (libgomp does not survive fork); the parallel entries fall back to them in
@@ -24,10 +27,11 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 cimport numpy as cnp
-from cython cimport floating
 from cython.parallel cimport prange
 
 import os
+
+import numpy as np
 
 cnp.import_array()
 
@@ -39,96 +43,61 @@ cdef extern from "_simd.h" nogil:
     const char *FN_CYTHON_VERSION
     int FN_DEBUG_CHECKS
     Py_ssize_t FN_STREAM_MIN
+    int FN_F32, FN_F64, FN_F16, FN_BF16
 
-    void fn_rows_fwd_f32(const float *x, Py_ssize_t M, const float *w, const float *b,
-                         double eps, int rms, float *y, float *mean, float *rstd,
+    # One entry per kernel, named as the kernel; ``kind`` (FN_F32, FN_F64, FN_F16, FN_BF16)
+    # is the data type of x and picks the body. Data (x, y, dy, dx) in that type; ``T``
+    # arrays (per-row statistics, weights of the fused kernels) in it too for float32 and
+    # float64, float32 for half precision; double arrays are double for every kind.
+    void fn_rows_fwd(int kind, const void *x, Py_ssize_t M, const void *w, const void *b,
+                     double eps, int rms, void *y, void *mean, void *rstd, Py_ssize_t lo,
+                     Py_ssize_t hi)
+    void fn_rows_fwd_grouped(int kind, const void *x, Py_ssize_t K, Py_ssize_t S,
+                             Py_ssize_t G, const void *w, const void *b, double eps, void *y,
+                             void *mean, void *rstd, Py_ssize_t lo, Py_ssize_t hi, int nts)
+    void fn_rows_bwd(int kind, const void *dy, const void *x, const void *mean,
+                     const void *rstd, const void *w, int rms, Py_ssize_t M, void *dx,
+                     double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi, int nts)
+    void fn_rows_moments(int kind, const void *x, Py_ssize_t M, double *mean, double *m2,
                          Py_ssize_t lo, Py_ssize_t hi)
-    void fn_rows_fwd_f64(const double *x, Py_ssize_t M, const double *w, const double *b,
-                         double eps, int rms, double *y, double *mean, double *rstd,
-                         Py_ssize_t lo, Py_ssize_t hi)
-    void fn_rows_fwd_grouped_f32(const float *x, Py_ssize_t K, Py_ssize_t S, Py_ssize_t G,
-                                 const float *w, const float *b, double eps, float *y,
-                                 float *mean, float *rstd, Py_ssize_t lo, Py_ssize_t hi, int nts)
-    void fn_rows_fwd_grouped_f64(const double *x, Py_ssize_t K, Py_ssize_t S, Py_ssize_t G,
-                                 const double *w, const double *b, double eps, double *y,
-                                 double *mean, double *rstd, Py_ssize_t lo, Py_ssize_t hi, int nts)
-    void fn_rows_bwd_f32(const float *dy, const float *x, const float *mean,
-                         const float *rstd, const float *w, int rms, Py_ssize_t M, float *dx,
-                         double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi, int nts)
-    void fn_rows_bwd_f64(const double *dy, const double *x, const double *mean,
-                         const double *rstd, const double *w, int rms, Py_ssize_t M,
-                         double *dx, double *dwb, double *dbb, Py_ssize_t lo, Py_ssize_t hi, int nts)
-    void fn_rows_moments_f32(const float *x, Py_ssize_t M, double *mean, double *m2,
-                             Py_ssize_t lo, Py_ssize_t hi)
-    void fn_rows_moments_f64(const double *x, Py_ssize_t M, double *mean, double *m2,
-                             Py_ssize_t lo, Py_ssize_t hi)
-    void fn_rows_scale_shift_f32(const float *x, Py_ssize_t M, const double *mean,
-                                 const double *alpha, const double *beta, float *y,
-                                 Py_ssize_t lo, Py_ssize_t hi, int nts)
-    void fn_rows_scale_shift_f64(const double *x, Py_ssize_t M, const double *mean,
-                                 const double *alpha, const double *beta, double *y,
-                                 Py_ssize_t lo, Py_ssize_t hi, int nts)
-    void fn_rows_dot_f32(const float *dy, const float *x, Py_ssize_t M, const double *mean,
-                         double *sum_dy, double *sum_dyxc, Py_ssize_t lo, Py_ssize_t hi)
-    void fn_rows_dot_f64(const double *dy, const double *x, Py_ssize_t M, const double *mean,
-                         double *sum_dy, double *sum_dyxc, Py_ssize_t lo, Py_ssize_t hi)
-    void fn_rows_bwd_apply_f32(const float *dy, const float *x, Py_ssize_t M,
-                               const double *mean, const double *c1, const double *c2,
-                               const double *c3, float *dx, Py_ssize_t lo, Py_ssize_t hi, int nts)
-    void fn_rows_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t M,
-                               const double *mean, const double *c1, const double *c2,
-                               const double *c3, double *dx, Py_ssize_t lo, Py_ssize_t hi, int nts)
-
-    void fn_rows_bwd_grouped_f32(const float *dy, const float *x, Py_ssize_t K, Py_ssize_t S,
-                                 Py_ssize_t G, const double *mean, const double *rstd,
-                                 const double *w, float *dx, double *sdy, double *sdxh,
-                                 Py_ssize_t lo, Py_ssize_t hi, int nts)
-    void fn_rows_bwd_grouped_f64(const double *dy, const double *x, Py_ssize_t K,
-                                 Py_ssize_t S, Py_ssize_t G, const double *mean,
-                                 const double *rstd, const double *w, double *dx, double *sdy,
-                                 double *sdxh, Py_ssize_t lo, Py_ssize_t hi, int nts)
-
-    void fn_channels_moments_f32(const float *x, Py_ssize_t n, Py_ssize_t C, double *mu,
-                                 double *s2)
-    void fn_channels_moments_f64(const double *x, Py_ssize_t n, Py_ssize_t C, double *mu,
-                                 double *s2)
-    void fn_channels_scale_shift_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const double *m,
-                                     const double *a, const double *b, float *y, int nts)
-    void fn_channels_scale_shift_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *m,
-                                     const double *a, const double *b, double *y, int nts)
-    void fn_channels_dot_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
-                             const double *m, double *s, double *sx)
-    void fn_channels_dot_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
-                             const double *m, double *s, double *sx)
-    void fn_channels_bwd_apply_f32(const float *dy, const float *x, Py_ssize_t n, Py_ssize_t C,
-                                   const double *m, const double *c1, const double *c2,
-                                   const double *c3, float *dx, int nts)
-    void fn_channels_bwd_apply_f64(const double *dy, const double *x, Py_ssize_t n, Py_ssize_t C,
-                                   const double *m, const double *c1, const double *c2,
-                                   const double *c3, double *dx, int nts)
-    void fn_channels_fwd_grouped_f32(const float *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
-                                     Py_ssize_t h, const float *w, const float *b, double eps,
-                                     float *y, float *mean, float *rstd, double *buf, int nts)
-    void fn_channels_fwd_grouped_f64(const double *x, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
-                                     Py_ssize_t h, const double *w, const double *b, double eps,
-                                     double *y, double *mean, double *rstd, double *buf, int nts)
-    void fn_channels_eval_coefs_f32(const float *mean, const float *var, const float *w,
-                                    const float *b, double eps, Py_ssize_t C, float *mh, float *ml,
-                                    float *af, float *bf)
-    void fn_channels_eval_coefs_f64(const double *mean, const double *var, const double *w,
-                                    const double *b, double eps, Py_ssize_t C, double *mh,
-                                    double *ml, double *af, double *bf)
-    void fn_channels_eval_apply_f32(const float *x, Py_ssize_t n, Py_ssize_t C, const float *mh,
-                                    const float *ml, const float *af, const float *bf, float *y,
-                                    int nts)
-    void fn_channels_eval_apply_f64(const double *x, Py_ssize_t n, Py_ssize_t C, const double *mh,
-                                    const double *ml, const double *af, const double *bf,
-                                    double *y, int nts)
+    void fn_rows_scale_shift(int kind, const void *x, Py_ssize_t M, const double *mean,
+                             const double *alpha, const double *beta, void *y, Py_ssize_t lo,
+                             Py_ssize_t hi, int nts)
+    void fn_rows_dot(int kind, const void *dy, const void *x, Py_ssize_t M,
+                     const double *mean, double *sum_dy, double *sum_dyxc, Py_ssize_t lo,
+                     Py_ssize_t hi)
+    void fn_rows_bwd_apply(int kind, const void *dy, const void *x, Py_ssize_t M,
+                           const double *mean, const double *c1, const double *c2,
+                           const double *c3, void *dx, Py_ssize_t lo, Py_ssize_t hi, int nts)
+    void fn_rows_bwd_grouped(int kind, const void *dy, const void *x, Py_ssize_t K,
+                             Py_ssize_t S, Py_ssize_t G, const double *mean,
+                             const double *rstd, const double *w, void *dx, double *sdy,
+                             double *sdxh, Py_ssize_t lo, Py_ssize_t hi, int nts)
+    void fn_channels_moments(int kind, const void *x, Py_ssize_t n, Py_ssize_t C,
+                             double *mu, double *s2)
+    void fn_channels_scale_shift(int kind, const void *x, Py_ssize_t n, Py_ssize_t C,
+                                 const double *m, const double *a, const double *b, void *y,
+                                 int nts)
+    void fn_channels_dot(int kind, const void *dy, const void *x, Py_ssize_t n, Py_ssize_t C,
+                         const double *m, double *s, double *sx)
+    void fn_channels_bwd_apply(int kind, const void *dy, const void *x, Py_ssize_t n,
+                               Py_ssize_t C, const double *m, const double *c1,
+                               const double *c2, const double *c3, void *dx, int nts)
+    void fn_channels_fwd_grouped(int kind, const void *x, Py_ssize_t Q, Py_ssize_t C,
+                                 Py_ssize_t G, Py_ssize_t h, const void *w, const void *b,
+                                 double eps, void *y, void *mean, void *rstd, double *buf,
+                                 int nts)
+    void fn_channels_eval_coefs(int kind, const void *mean, const void *var, const void *w,
+                                const void *b, double eps, Py_ssize_t C, void *mh, void *ml,
+                                void *af, void *bf)
+    void fn_channels_eval_apply(int kind, const void *x, Py_ssize_t n, Py_ssize_t C,
+                                const void *mh, const void *ml, const void *af,
+                                const void *bf, void *y, int nts)
     void fn_channels_moments_merge(Py_ssize_t nb, Py_ssize_t h, Py_ssize_t Q, Py_ssize_t C,
                                    const double *bmean, const double *bm2, double *mean,
                                    double *m2)
-    void fn_channels_dot_merge(Py_ssize_t nb, Py_ssize_t C, const double *bs, const double *bsx,
-                               double *s, double *sx)
+    void fn_channels_dot_merge(Py_ssize_t nb, Py_ssize_t C, const double *bs,
+                               const double *bsx, double *s, double *sx)
 
 
 # ------------------------------------------------------------------------ threads, fork
@@ -192,18 +161,53 @@ def info():
 
 cdef int _F32 = cnp.NPY_FLOAT32
 cdef int _F64 = cnp.NPY_FLOAT64
+cdef int _F16 = cnp.NPY_FLOAT16
+# Per kind (FN_F32, FN_F64, FN_F16, FN_BF16): the NumPy type number of the data, of its T
+# arrays (per-row statistics, fused weights: float32 for half precision), and itemsizes.
+# bfloat16 is ml_dtypes' type, numbered when ml_dtypes registers it: learnt from the first
+# array of it (-1 until then). ml_dtypes is never imported here (it takes ~0.8 s): a caller
+# holding a bfloat16 array has imported it.
+cdef int _TNUM[4]
+cdef int _TTNUM[4]
+cdef Py_ssize_t _ISZ[4]
+cdef Py_ssize_t _TSZ[4]
+_TNUM[:] = [_F32, _F64, _F16, -1]
+_TTNUM[:] = [_F32, _F64, _F32, _F32]
+_ISZ[:] = [4, 8, 2, 2]
+_TSZ[:] = [4, 8, 4, 4]
 
 
-cdef int _dtype(object a, str name, int ndim) except -1:
-    """The type number of ``a``, the array that sets a kernel's dtype: float32/64, ndim dims."""
+cdef str _type_name(int t):
+    return {_F32: "float32", _F64: "float64", _F16: "float16"}.get(t, "bfloat16")
+
+
+cdef int _kind(object a, str name, int ndim) except -1:
+    """The kind of ``a``, the array that sets a kernel's data type, after checking that it
+    is an ndarray of float16, bfloat16, float32 or float64 with ndim dims."""
     if not cnp.PyArray_Check(a):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
-    if t != _F32 and t != _F64:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a), kd
+    if t == _F32:
+        kd = FN_F32
+    elif t == _F64:
+        kd = FN_F64
+    elif t == _F16:
+        kd = FN_F16
+    elif t == _TNUM[FN_BF16] or _is_bfloat16(a.dtype):
+        _TNUM[FN_BF16] = t
+        kd = FN_BF16
+    else:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, "
+                        f"got dtype {a.dtype}")
     if cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    return t
+    return kd
+
+
+cdef bint _is_bfloat16(object d):
+    return (d.name == "bfloat16" and d.itemsize == 2
+            and type(d.type).__module__.split(".")[0] in ("ml_dtypes", "builtins")
+            and d.type.__module__.split(".")[0] == "ml_dtypes")
 
 
 cdef void *_data(object a, str name, int t, int ndim, bint write,
@@ -214,8 +218,7 @@ cdef void *_data(object a, str name, int t, int ndim, bint write,
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
     if cnp.PyArray_TYPE(arr) != t:
-        raise TypeError(f"{name} must have dtype {'float32' if t == _F32 else 'float64'}, "
-                        f"got {a.dtype}")
+        raise TypeError(f"{name} must have dtype {_type_name(t)}, got {a.dtype}")
     cdef cnp.npy_intp *d = cnp.PyArray_DIMS(arr)
     if (cnp.PyArray_NDIM(arr) != ndim or d[0] != n0 or (ndim > 1 and d[1] != n1)
             or (ndim > 2 and d[2] != n2)):
@@ -227,6 +230,21 @@ cdef void *_data(object a, str name, int t, int ndim, bint write,
     if write and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValueError(f"{name} is read-only")
     return cnp.PyArray_DATA(arr)
+
+
+cdef object _param(object a, str name, int kd):
+    """A weight, bias or fixed statistic of a fused kernel, to be checked as a T array. For
+    half-precision data it may be float32 (mixed precision) or the data's own dtype, which is
+    converted to float32 here: C or M values, never the data."""
+    if a is None or kd == FN_F32 or kd == FN_F64 or not cnp.PyArray_Check(a):
+        return a
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    if t == _TNUM[kd]:
+        return a.astype(np.float32)
+    if t != _F32:
+        raise TypeError(f"{name} must have dtype float32 or {_type_name(_TNUM[kd])} "
+                        f"({_type_name(_TNUM[kd])} data), got {a.dtype}")
+    return a
 
 
 cdef int _disjoint_or_same(object out, object a, str name, str other) except -1:
@@ -264,6 +282,15 @@ cdef inline Py_ssize_t _dim(object a, int k) noexcept:
     return cnp.PyArray_DIM(<cnp.ndarray>a, k)
 
 
+cdef inline const void *_at(const void *p, Py_ssize_t i, Py_ssize_t size) noexcept nogil:
+    """Element i of an array of ``size``-byte elements (the typed layers hold void *)."""
+    return <const char *>p + i * size
+
+
+cdef inline void *_atw(void *p, Py_ssize_t i, Py_ssize_t size) noexcept nogil:
+    return <char *>p + i * size
+
+
 # ------------------------------------------------------------------------ partitions
 
 cdef inline Py_ssize_t _row_step(Py_ssize_t M) noexcept nogil:
@@ -287,44 +314,32 @@ cdef inline int _streaming(Py_ssize_t nbytes) noexcept nogil:
 
 # ------------------------------------------------------------------------ rows_fwd
 
-cdef inline void _rows_fwd_c(const floating *x, const floating *w, const floating *b,
-                             double eps, int rms, floating *y, floating *mean,
-                             floating *rstd, Py_ssize_t M, Py_ssize_t lo,
-                             Py_ssize_t hi) noexcept nogil:
-    if floating is float:
-        fn_rows_fwd_f32(x, M, w, b, eps, rms, y, mean, rstd, lo, hi)
-    else:
-        fn_rows_fwd_f64(x, M, w, b, eps, rms, y, mean, rstd, lo, hi)
-
-
-cdef void _rows_fwd_t(const floating *x, const floating *w, const floating *b, double eps,
-                      int rms, floating *y, floating *mean, floating *rstd, Py_ssize_t R,
-                      Py_ssize_t M, int nt) noexcept nogil:
+cdef void _rows_fwd_t(int kd, const void *x, const void *w, const void *b, double eps,
+                      int rms, void *y, void *mean, void *rstd, Py_ssize_t R, Py_ssize_t M,
+                      int nt) noexcept nogil:
     # IN x (R, M), w/b (M,) or NULL   OUT y (R, M), mean/rstd (R,)
     cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
-            _rows_fwd_c(x, w, b, eps, rms, y, mean, rstd, M, k * step, min(R, k * step + step))
+            fn_rows_fwd(kd, x, M, w, b, eps, rms, y, mean, rstd, k * step,
+                        min(R, k * step + step))
     else:
-        _rows_fwd_c(x, w, b, eps, rms, y, mean, rstd, M, 0, R)
+        fn_rows_fwd(kd, x, M, w, b, eps, rms, y, mean, rstd, 0, R)
 
 
 cdef _rows_fwd(x, weight, bias, double eps, bint rms, y, mean, rstd, int nt):
-    cdef int t = _dtype(x, "x", 2)
+    cdef int kd = _kind(x, "x", 2)
+    cdef int t = _TNUM[kd], tt = _TTNUM[kd]
     cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
+    weight, bias = _param(weight, "weight", kd), _param(bias, "bias", kd)
     cdef void *px = _data(x, "x", t, 2, False, R, M)
-    cdef void *pw = _opt(weight, "weight", t, 1, False, M)
-    cdef void *pb = _opt(bias, "bias", t, 1, False, M)
+    cdef void *pw = _opt(weight, "weight", tt, 1, False, M)
+    cdef void *pb = _opt(bias, "bias", tt, 1, False, M)
     cdef void *py = _data(y, "y", t, 2, True, R, M)
-    cdef void *pm = _data(mean, "mean", t, 1, True, R)
-    cdef void *pr = _data(rstd, "rstd", t, 1, True, R)
+    cdef void *pm = _data(mean, "mean", tt, 1, True, R)
+    cdef void *pr = _data(rstd, "rstd", tt, 1, True, R)
     with nogil:
-        if t == _F32:
-            _rows_fwd_t(<const float *>px, <const float *>pw, <const float *>pb, eps, rms,
-                        <float *>py, <float *>pm, <float *>pr, R, M, nt)
-        else:
-            _rows_fwd_t(<const double *>px, <const double *>pw, <const double *>pb, eps, rms,
-                        <double *>py, <double *>pm, <double *>pr, R, M, nt)
+        _rows_fwd_t(kd, px, pw, pb, eps, rms, py, pm, pr, R, M, nt)
 
 
 def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
@@ -339,33 +354,23 @@ def rows_fwd_parallel(x, weight, bias, eps, rms, y, mean, rstd):
 
 # ---------------------------------------------------------------- rows_fwd_grouped
 
-cdef inline void _rows_fwd_grouped_c(const floating *x, const floating *w, const floating *b,
-                                     double eps, floating *y, floating *mean, floating *rstd,
-                                     Py_ssize_t K, Py_ssize_t S, Py_ssize_t G, Py_ssize_t lo,
-                                     Py_ssize_t hi, int nts) noexcept nogil:
-    if floating is float:
-        fn_rows_fwd_grouped_f32(x, K, S, G, w, b, eps, y, mean, rstd, lo, hi, nts)
-    else:
-        fn_rows_fwd_grouped_f64(x, K, S, G, w, b, eps, y, mean, rstd, lo, hi, nts)
-
-
-cdef void _rows_fwd_grouped_t(const floating *x, const floating *w, const floating *b,
-                              double eps, floating *y, floating *mean, floating *rstd,
-                              Py_ssize_t R, Py_ssize_t K, Py_ssize_t S, Py_ssize_t G,
-                              int nt) noexcept nogil:
+cdef void _rows_fwd_grouped_t(int kd, const void *x, const void *w, const void *b,
+                              double eps, void *y, void *mean, void *rstd, Py_ssize_t R,
+                              Py_ssize_t K, Py_ssize_t S, Py_ssize_t G, int nt) noexcept nogil:
     # IN x (R, K, S), w/b (G, K) or NULL   OUT y (R, K, S), mean/rstd (R,)
     cdef Py_ssize_t k, step = _row_step(K * S), nch = (R + step - 1) // step
-    cdef int nts = _streaming((R * K * S) * sizeof(floating))
+    cdef int nts = _streaming((R * K * S) * _ISZ[kd])
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
-            _rows_fwd_grouped_c(x, w, b, eps, y, mean, rstd, K, S, G, k * step,
+            fn_rows_fwd_grouped(kd, x, K, S, G, w, b, eps, y, mean, rstd, k * step,
                                 min(R, k * step + step), nts)
     else:
-        _rows_fwd_grouped_c(x, w, b, eps, y, mean, rstd, K, S, G, 0, R, nts)
+        fn_rows_fwd_grouped(kd, x, K, S, G, w, b, eps, y, mean, rstd, 0, R, nts)
 
 
 cdef _rows_fwd_grouped(x, weight, bias, double eps, y, mean, rstd, int nt):
-    cdef int t = _dtype(x, "x", 3)
+    cdef int kd = _kind(x, "x", 3)
+    cdef int t = _TNUM[kd], tt = _TTNUM[kd]
     cdef Py_ssize_t R = _dim(x, 0), K = _dim(x, 1), S = _dim(x, 2)
     cdef Py_ssize_t G = 1
     if weight is not None:
@@ -374,20 +379,16 @@ cdef _rows_fwd_grouped(x, weight, bias, double eps, y, mean, rstd, int nt):
         G = _dim(bias, 0)
     if G < 1:
         raise ValueError("weight/bias must have at least one row")
+    weight, bias = _param(weight, "weight", kd), _param(bias, "bias", kd)
     cdef void *px = _data(x, "x", t, 3, False, R, K, S)
-    cdef void *pw = _opt(weight, "weight", t, 2, False, G, K)
-    cdef void *pb = _opt(bias, "bias", t, 2, False, G, K)
+    cdef void *pw = _opt(weight, "weight", tt, 2, False, G, K)
+    cdef void *pb = _opt(bias, "bias", tt, 2, False, G, K)
     cdef void *py = _data(y, "y", t, 3, True, R, K, S)
-    cdef void *pm = _data(mean, "mean", t, 1, True, R)
-    cdef void *pr = _data(rstd, "rstd", t, 1, True, R)
+    cdef void *pm = _data(mean, "mean", tt, 1, True, R)
+    cdef void *pr = _data(rstd, "rstd", tt, 1, True, R)
     _disjoint_or_same(y, x, "y", "x")
     with nogil:
-        if t == _F32:
-            _rows_fwd_grouped_t(<const float *>px, <const float *>pw, <const float *>pb, eps,
-                                <float *>py, <float *>pm, <float *>pr, R, K, S, G, nt)
-        else:
-            _rows_fwd_grouped_t(<const double *>px, <const double *>pw, <const double *>pb,
-                                eps, <double *>py, <double *>pm, <double *>pr, R, K, S, G, nt)
+        _rows_fwd_grouped_t(kd, px, pw, pb, eps, py, pm, pr, R, K, S, G, nt)
 
 
 def rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
@@ -402,11 +403,10 @@ def rows_fwd_grouped_parallel(x, weight, bias, eps, y, mean, rstd):
 
 # ------------------------------------------------------------------------ rows_bwd
 
-cdef inline void _rows_bwd_block(const floating *dy, const floating *x, const floating *mean,
-                                 const floating *rstd, const floating *w, int rms,
-                                 floating *dx, double *dw, double *db, Py_ssize_t R,
-                                 Py_ssize_t M, Py_ssize_t B, Py_ssize_t blk,
-                                 int nts) noexcept nogil:
+cdef inline void _rows_bwd_block(int kd, const void *dy, const void *x, const void *mean,
+                                 const void *rstd, const void *w, int rms, void *dx,
+                                 double *dw, double *db, Py_ssize_t R, Py_ssize_t M,
+                                 Py_ssize_t B, Py_ssize_t blk, int nts) noexcept nogil:
     # block blk: rows [blk*R//B, (blk+1)*R//B); its partial sums go to row blk of dw/db
     cdef double *dwb = NULL
     cdef double *dbb = NULL
@@ -416,31 +416,28 @@ cdef inline void _rows_bwd_block(const floating *dy, const floating *x, const fl
     if db != NULL:
         dbb = db + blk * M
         memset(dbb, 0, M * sizeof(double))
-    if floating is float:
-        fn_rows_bwd_f32(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, blk * R // B,
-                        (blk + 1) * R // B, nts)
-    else:
-        fn_rows_bwd_f64(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, blk * R // B,
-                        (blk + 1) * R // B, nts)
+    fn_rows_bwd(kd, dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, blk * R // B,
+                (blk + 1) * R // B, nts)
 
 
-cdef void _rows_bwd_t(const floating *dy, const floating *x, const floating *mean,
-                      const floating *rstd, const floating *w, int rms, floating *dx,
-                      double *dw, double *db, Py_ssize_t R, Py_ssize_t M, Py_ssize_t B,
+cdef void _rows_bwd_t(int kd, const void *dy, const void *x, const void *mean,
+                      const void *rstd, const void *w, int rms, void *dx, double *dw,
+                      double *db, Py_ssize_t R, Py_ssize_t M, Py_ssize_t B,
                       int nt) noexcept nogil:
     # IN dy, x (R, M), mean/rstd (R,), w (M,)|NULL   OUT dx (R, M), dw/db (B, M)|NULL
     cdef Py_ssize_t k
-    cdef int nts = _streaming((R * M) * sizeof(floating))
+    cdef int nts = _streaming((R * M) * _ISZ[kd])
     if nt > 1 and B > 1:
         for k in prange(B, num_threads=nt, schedule="static"):
-            _rows_bwd_block(dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k, nts)
+            _rows_bwd_block(kd, dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k, nts)
     else:
         for k in range(B):
-            _rows_bwd_block(dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k, nts)
+            _rows_bwd_block(kd, dy, x, mean, rstd, w, rms, dx, dw, db, R, M, B, k, nts)
 
 
 cdef _rows_bwd(dy, x, mean, rstd, weight, bint rms, dx, dw_part, db_part, int nt):
-    cdef int t = _dtype(x, "x", 2)
+    cdef int kd = _kind(x, "x", 2)
+    cdef int t = _TNUM[kd], tt = _TTNUM[kd]
     cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1), B
     if dw_part is not None:
         B = _dim(dw_part, 0) if cnp.PyArray_Check(dw_part) and dw_part.ndim == 2 else 0
@@ -448,23 +445,17 @@ cdef _rows_bwd(dy, x, mean, rstd, weight, bint rms, dx, dw_part, db_part, int nt
         B = _dim(db_part, 0) if cnp.PyArray_Check(db_part) and db_part.ndim == 2 else 0
     else:
         B = min(R, 64)
+    weight = _param(weight, "weight", kd)
     cdef void *pdy = _data(dy, "dy", t, 2, False, R, M)
     cdef void *px = _data(x, "x", t, 2, False, R, M)
-    cdef void *pm = _data(mean, "mean", t, 1, False, R)
-    cdef void *pr = _data(rstd, "rstd", t, 1, False, R)
-    cdef void *pw = _opt(weight, "weight", t, 1, False, M)
+    cdef void *pm = _data(mean, "mean", tt, 1, False, R)
+    cdef void *pr = _data(rstd, "rstd", tt, 1, False, R)
+    cdef void *pw = _opt(weight, "weight", tt, 1, False, M)
     cdef void *pdx = _data(dx, "dx", t, 2, True, R, M)
     cdef double *pdw = <double *>_opt(dw_part, "dw_part", _F64, 2, True, B, M)
     cdef double *pdb = <double *>_opt(db_part, "db_part", _F64, 2, True, B, M)
     with nogil:
-        if t == _F32:
-            _rows_bwd_t(<const float *>pdy, <const float *>px, <const float *>pm,
-                        <const float *>pr, <const float *>pw, rms, <float *>pdx, pdw, pdb,
-                        R, M, B, nt)
-        else:
-            _rows_bwd_t(<const double *>pdy, <const double *>px, <const double *>pm,
-                        <const double *>pr, <const double *>pw, rms, <double *>pdx, pdw, pdb,
-                        R, M, B, nt)
+        _rows_bwd_t(kd, pdy, px, pm, pr, pw, rms, pdx, pdw, pdb, R, M, B, nt)
 
 
 def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
@@ -479,36 +470,25 @@ def rows_bwd_parallel(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
 
 # ------------------------------------------------------------------------ rows_moments
 
-cdef inline void _rows_moments_c(const floating *x, double *mean, double *m2, Py_ssize_t M,
-                                 Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    if floating is float:
-        fn_rows_moments_f32(x, M, mean, m2, lo, hi)
-    else:
-        fn_rows_moments_f64(x, M, mean, m2, lo, hi)
-
-
-cdef void _rows_moments_t(const floating *x, double *mean, double *m2, Py_ssize_t R,
+cdef void _rows_moments_t(int kd, const void *x, double *mean, double *m2, Py_ssize_t R,
                           Py_ssize_t M, int nt) noexcept nogil:
     # IN x (R, M)   OUT mean, m2 (R,) float64
     cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
-            _rows_moments_c(x, mean, m2, M, k * step, min(R, k * step + step))
+            fn_rows_moments(kd, x, M, mean, m2, k * step, min(R, k * step + step))
     else:
-        _rows_moments_c(x, mean, m2, M, 0, R)
+        fn_rows_moments(kd, x, M, mean, m2, 0, R)
 
 
 cdef _rows_moments(x, mean, m2, int nt):
-    cdef int t = _dtype(x, "x", 2)
+    cdef int kd = _kind(x, "x", 2)
     cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
-    cdef void *px = _data(x, "x", t, 2, False, R, M)
+    cdef void *px = _data(x, "x", _TNUM[kd], 2, False, R, M)
     cdef double *pm = <double *>_data(mean, "mean", _F64, 1, True, R)
     cdef double *p2 = <double *>_data(m2, "m2", _F64, 1, True, R)
     with nogil:
-        if t == _F32:
-            _rows_moments_t(<const float *>px, pm, p2, R, M, nt)
-        else:
-            _rows_moments_t(<const double *>px, pm, p2, R, M, nt)
+        _rows_moments_t(kd, px, pm, p2, R, M, nt)
 
 
 def rows_moments(x, mean, m2):
@@ -523,30 +503,23 @@ def rows_moments_parallel(x, mean, m2):
 
 # ------------------------------------------------------------------------ rows_scale_shift
 
-cdef inline void _rows_scale_shift_c(const floating *x, const double *mean,
-                                     const double *alpha, const double *beta, floating *y,
-                                     Py_ssize_t M, Py_ssize_t lo, Py_ssize_t hi, int nts) noexcept nogil:
-    if floating is float:
-        fn_rows_scale_shift_f32(x, M, mean, alpha, beta, y, lo, hi, nts)
-    else:
-        fn_rows_scale_shift_f64(x, M, mean, alpha, beta, y, lo, hi, nts)
-
-
-cdef void _rows_scale_shift_t(const floating *x, const double *mean, const double *alpha,
-                              const double *beta, floating *y, Py_ssize_t R, Py_ssize_t M,
+cdef void _rows_scale_shift_t(int kd, const void *x, const double *mean, const double *alpha,
+                              const double *beta, void *y, Py_ssize_t R, Py_ssize_t M,
                               int nt) noexcept nogil:
     # IN x (R, M), mean/alpha/beta (R,) float64   OUT y (R, M)
     cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
-    cdef int nts = _streaming((R * M) * sizeof(floating))
+    cdef int nts = _streaming((R * M) * _ISZ[kd])
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
-            _rows_scale_shift_c(x, mean, alpha, beta, y, M, k * step, min(R, k * step + step), nts)
+            fn_rows_scale_shift(kd, x, M, mean, alpha, beta, y, k * step,
+                                min(R, k * step + step), nts)
     else:
-        _rows_scale_shift_c(x, mean, alpha, beta, y, M, 0, R, nts)
+        fn_rows_scale_shift(kd, x, M, mean, alpha, beta, y, 0, R, nts)
 
 
 cdef _rows_scale_shift(x, mean, alpha, beta, y, int nt):
-    cdef int t = _dtype(x, "x", 2)
+    cdef int kd = _kind(x, "x", 2)
+    cdef int t = _TNUM[kd]
     cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
     cdef void *px = _data(x, "x", t, 2, False, R, M)
     cdef const double *pm = <const double *>_data(mean, "mean", _F64, 1, False, R)
@@ -554,10 +527,7 @@ cdef _rows_scale_shift(x, mean, alpha, beta, y, int nt):
     cdef const double *pb = <const double *>_data(beta, "beta", _F64, 1, False, R)
     cdef void *py = _data(y, "y", t, 2, True, R, M)
     with nogil:
-        if t == _F32:
-            _rows_scale_shift_t(<const float *>px, pm, pa, pb, <float *>py, R, M, nt)
-        else:
-            _rows_scale_shift_t(<const double *>px, pm, pa, pb, <double *>py, R, M, nt)
+        _rows_scale_shift_t(kd, px, pm, pa, pb, py, R, M, nt)
 
 
 def rows_scale_shift(x, mean, alpha, beta, y):
@@ -572,28 +542,20 @@ def rows_scale_shift_parallel(x, mean, alpha, beta, y):
 
 # ------------------------------------------------------------------------ rows_dot
 
-cdef inline void _rows_dot_c(const floating *dy, const floating *x, const double *mean,
-                             double *s, double *sx, Py_ssize_t M, Py_ssize_t lo,
-                             Py_ssize_t hi) noexcept nogil:
-    if floating is float:
-        fn_rows_dot_f32(dy, x, M, mean, s, sx, lo, hi)
-    else:
-        fn_rows_dot_f64(dy, x, M, mean, s, sx, lo, hi)
-
-
-cdef void _rows_dot_t(const floating *dy, const floating *x, const double *mean, double *s,
+cdef void _rows_dot_t(int kd, const void *dy, const void *x, const double *mean, double *s,
                       double *sx, Py_ssize_t R, Py_ssize_t M, int nt) noexcept nogil:
     # IN dy, x (R, M), mean (R,) float64   OUT sum_dy, sum_dyxc (R,) float64
     cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
-            _rows_dot_c(dy, x, mean, s, sx, M, k * step, min(R, k * step + step))
+            fn_rows_dot(kd, dy, x, M, mean, s, sx, k * step, min(R, k * step + step))
     else:
-        _rows_dot_c(dy, x, mean, s, sx, M, 0, R)
+        fn_rows_dot(kd, dy, x, M, mean, s, sx, 0, R)
 
 
 cdef _rows_dot(dy, x, mean, sum_dy, sum_dyxc, int nt):
-    cdef int t = _dtype(x, "x", 2)
+    cdef int kd = _kind(x, "x", 2)
+    cdef int t = _TNUM[kd]
     cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
     cdef void *pdy = _data(dy, "dy", t, 2, False, R, M)
     cdef void *px = _data(x, "x", t, 2, False, R, M)
@@ -601,10 +563,7 @@ cdef _rows_dot(dy, x, mean, sum_dy, sum_dyxc, int nt):
     cdef double *ps = <double *>_data(sum_dy, "sum_dy", _F64, 1, True, R)
     cdef double *psx = <double *>_data(sum_dyxc, "sum_dyxc", _F64, 1, True, R)
     with nogil:
-        if t == _F32:
-            _rows_dot_t(<const float *>pdy, <const float *>px, pm, ps, psx, R, M, nt)
-        else:
-            _rows_dot_t(<const double *>pdy, <const double *>px, pm, ps, psx, R, M, nt)
+        _rows_dot_t(kd, pdy, px, pm, ps, psx, R, M, nt)
 
 
 def rows_dot(dy, x, mean, sum_dy, sum_dyxc):
@@ -619,32 +578,23 @@ def rows_dot_parallel(dy, x, mean, sum_dy, sum_dyxc):
 
 # ------------------------------------------------------------------------ rows_bwd_apply
 
-cdef inline void _rows_bwd_apply_c(const floating *dy, const floating *x, const double *mean,
-                                   const double *c1, const double *c2, const double *c3,
-                                   floating *dx, Py_ssize_t M, Py_ssize_t lo,
-                                   Py_ssize_t hi, int nts) noexcept nogil:
-    if floating is float:
-        fn_rows_bwd_apply_f32(dy, x, M, mean, c1, c2, c3, dx, lo, hi, nts)
-    else:
-        fn_rows_bwd_apply_f64(dy, x, M, mean, c1, c2, c3, dx, lo, hi, nts)
-
-
-cdef void _rows_bwd_apply_t(const floating *dy, const floating *x, const double *mean,
-                            const double *c1, const double *c2, const double *c3,
-                            floating *dx, Py_ssize_t R, Py_ssize_t M, int nt) noexcept nogil:
+cdef void _rows_bwd_apply_t(int kd, const void *dy, const void *x, const double *mean,
+                            const double *c1, const double *c2, const double *c3, void *dx,
+                            Py_ssize_t R, Py_ssize_t M, int nt) noexcept nogil:
     # IN dy, x (R, M), mean/c1/c2/c3 (R,) float64   OUT dx (R, M)
     cdef Py_ssize_t k, step = _row_step(M), nch = (R + step - 1) // step
-    cdef int nts = _streaming((R * M) * sizeof(floating))
+    cdef int nts = _streaming((R * M) * _ISZ[kd])
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
-            _rows_bwd_apply_c(dy, x, mean, c1, c2, c3, dx, M, k * step,
+            fn_rows_bwd_apply(kd, dy, x, M, mean, c1, c2, c3, dx, k * step,
                               min(R, k * step + step), nts)
     else:
-        _rows_bwd_apply_c(dy, x, mean, c1, c2, c3, dx, M, 0, R, nts)
+        fn_rows_bwd_apply(kd, dy, x, M, mean, c1, c2, c3, dx, 0, R, nts)
 
 
 cdef _rows_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
-    cdef int t = _dtype(x, "x", 2)
+    cdef int kd = _kind(x, "x", 2)
+    cdef int t = _TNUM[kd]
     cdef Py_ssize_t R = _dim(x, 0), M = _dim(x, 1)
     cdef void *pdy = _data(dy, "dy", t, 2, False, R, M)
     cdef void *px = _data(x, "x", t, 2, False, R, M)
@@ -654,12 +604,7 @@ cdef _rows_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
     cdef const double *p3 = <const double *>_data(c3, "c3", _F64, 1, False, R)
     cdef void *pdx = _data(dx, "dx", t, 2, True, R, M)
     with nogil:
-        if t == _F32:
-            _rows_bwd_apply_t(<const float *>pdy, <const float *>px, pm, p1, p2, p3,
-                              <float *>pdx, R, M, nt)
-        else:
-            _rows_bwd_apply_t(<const double *>pdy, <const double *>px, pm, p1, p2, p3,
-                              <double *>pdx, R, M, nt)
+        _rows_bwd_apply_t(kd, pdy, px, pm, p1, p2, p3, pdx, R, M, nt)
 
 
 def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
@@ -674,38 +619,29 @@ def rows_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
 
 # ------------------------------------------------------------------------ rows_bwd_grouped
 
-cdef inline void _rows_bwd_grouped_c(const floating *dy, const floating *x, const double *mean,
-                                     const double *rstd, const double *w, floating *dx,
-                                     double *sdy, double *sdxh, Py_ssize_t K, Py_ssize_t S,
-                                     Py_ssize_t G, Py_ssize_t lo, Py_ssize_t hi,
-                                     int nts) noexcept nogil:
-    if floating is float:
-        fn_rows_bwd_grouped_f32(dy, x, K, S, G, mean, rstd, w, dx, sdy, sdxh, lo, hi, nts)
-    else:
-        fn_rows_bwd_grouped_f64(dy, x, K, S, G, mean, rstd, w, dx, sdy, sdxh, lo, hi, nts)
-
-
-cdef void _rows_bwd_grouped_t(const floating *dy, const floating *x, const double *mean,
-                              const double *rstd, const double *w, floating *dx, double *sdy,
+cdef void _rows_bwd_grouped_t(int kd, const void *dy, const void *x, const double *mean,
+                              const double *rstd, const double *w, void *dx, double *sdy,
                               double *sdxh, Py_ssize_t R, Py_ssize_t K, Py_ssize_t S,
                               Py_ssize_t G, int nt) noexcept nogil:
     # IN dy, x (R, K, S), mean/rstd (R,), w (G, K)|NULL   OUT dx (R, K, S), sdy/sdxh (R, K)
     cdef Py_ssize_t k, step = _row_step(K * S), nch = (R + step - 1) // step
-    cdef int nts = _streaming((R * K * S) * sizeof(floating))
+    cdef int nts = _streaming((R * K * S) * _ISZ[kd])
     if nt > 1 and nch > 1:
         for k in prange(nch, num_threads=nt, schedule="static"):
-            _rows_bwd_grouped_c(dy, x, mean, rstd, w, dx, sdy, sdxh, K, S, G, k * step,
+            fn_rows_bwd_grouped(kd, dy, x, K, S, G, mean, rstd, w, dx, sdy, sdxh, k * step,
                                 min(R, k * step + step), nts)
     else:
-        _rows_bwd_grouped_c(dy, x, mean, rstd, w, dx, sdy, sdxh, K, S, G, 0, R, nts)
+        fn_rows_bwd_grouped(kd, dy, x, K, S, G, mean, rstd, w, dx, sdy, sdxh, 0, R, nts)
 
 
 cdef _rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh, int nt):
-    cdef int t = _dtype(x, "x", 3)
+    cdef int kd = _kind(x, "x", 3)
+    cdef int t = _TNUM[kd]
     cdef Py_ssize_t R = _dim(x, 0), K = _dim(x, 1), S = _dim(x, 2)
     cdef Py_ssize_t G = 1
     if weight is not None:
-        _dtype(weight, "weight", 2)  # an ndarray of 2 dims before its shape is read
+        if not cnp.PyArray_Check(weight) or cnp.PyArray_NDIM(<cnp.ndarray>weight) != 2:
+            raise ValueError("weight must be a 2-D numpy.ndarray (G, K)")
         G = _dim(weight, 0)
     if G < 1:
         raise ValueError("weight must have at least one row")
@@ -720,12 +656,7 @@ cdef _rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh, int nt):
     _disjoint_or_same(dx, x, "dx", "x")
     _disjoint_or_same(dx, dy, "dx", "dy")
     with nogil:
-        if t == _F32:
-            _rows_bwd_grouped_t(<const float *>pdy, <const float *>px, pm, pr, pw, <float *>pdx,
-                                ps, psx, R, K, S, G, nt)
-        else:
-            _rows_bwd_grouped_t(<const double *>pdy, <const double *>px, pm, pr, pw,
-                                <double *>pdx, ps, psx, R, K, S, G, nt)
+        _rows_bwd_grouped_t(kd, pdy, px, pm, pr, pw, pdx, ps, psx, R, K, S, G, nt)
 
 
 def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
@@ -740,19 +671,17 @@ def rows_bwd_grouped_parallel(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
 
 # ------------------------------------------------------------------------ channels_moments
 
-cdef inline void _channels_moments_block(const floating *x, double *bmean, double *bm2,
-                                         Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t nb,
-                                         Py_ssize_t task) noexcept nogil:
+cdef inline void _channels_moments_block(int kd, const void *x, double *bmean, double *bm2,
+                                         Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
+                                         Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
     # task = p * nb + b: rows [b*h, min(Q, (b+1)*h)) of x[p] -> row `task` of bmean/bm2
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h
-    if floating is float:
-        fn_channels_moments_f32(x + (p * Q + b * h) * C, n, C, bmean + task * C, bm2 + task * C)
-    else:
-        fn_channels_moments_f64(x + (p * Q + b * h) * C, n, C, bmean + task * C, bm2 + task * C)
+    fn_channels_moments(kd, _at(x, (p * Q + b * h) * C, _ISZ[kd]), n, C, bmean + task * C,
+                        bm2 + task * C)
 
 
-cdef void _channels_moments_t(const floating *x, double *mean, double *m2, double *buf,
+cdef void _channels_moments_t(int kd, const void *x, double *mean, double *m2, double *buf,
                               Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
     # IN x (P, Q, C)   OUT mean, m2 (P, C) float64; buf: 2 * P * nb * C block partials
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
@@ -760,13 +689,13 @@ cdef void _channels_moments_t(const floating *x, double *mean, double *m2, doubl
     cdef double *bm2 = buf + P * nb * C
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _channels_moments_block(x, bmean, bm2, Q, C, h, nb, k)
+            _channels_moments_block(kd, x, bmean, bm2, Q, C, h, nb, k)
         for k in prange(P, num_threads=nt, schedule="static"):
             fn_channels_moments_merge(nb, h, Q, C, bmean + k * nb * C, bm2 + k * nb * C,
                                       mean + k * C, m2 + k * C)
     else:
         for k in range(P * nb):
-            _channels_moments_block(x, bmean, bm2, Q, C, h, nb, k)
+            _channels_moments_block(kd, x, bmean, bm2, Q, C, h, nb, k)
         for k in range(P):
             fn_channels_moments_merge(nb, h, Q, C, bmean + k * nb * C, bm2 + k * nb * C,
                                       mean + k * C, m2 + k * C)
@@ -782,17 +711,14 @@ cdef double *_partials(Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C) except NULL:
 
 
 cdef _channels_moments(x, mean, m2, int nt):
-    cdef int t = _dtype(x, "x", 3)
+    cdef int kd = _kind(x, "x", 3)
     cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
-    cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
+    cdef void *px = _data(x, "x", _TNUM[kd], 3, False, P, Q, C)
     cdef double *pm = <double *>_data(mean, "mean", _F64, 2, True, P, C)
     cdef double *p2 = <double *>_data(m2, "m2", _F64, 2, True, P, C)
     cdef double *buf = _partials(P, Q, C)
     with nogil:
-        if t == _F32:
-            _channels_moments_t(<const float *>px, pm, p2, buf, P, Q, C, nt)
-        else:
-            _channels_moments_t(<const double *>px, pm, p2, buf, P, Q, C, nt)
+        _channels_moments_t(kd, px, pm, p2, buf, P, Q, C, nt)
     free(buf)
 
 
@@ -808,37 +734,35 @@ def channels_moments_parallel(x, mean, m2):
 
 # ------------------------------------------------------------------------ channels_scale_shift
 
-cdef inline void _channels_scale_shift_block(const floating *x, const double *mean,
+cdef inline void _channels_scale_shift_block(int kd, const void *x, const double *mean,
                                              const double *alpha, const double *beta,
-                                             floating *y, Py_ssize_t Q, Py_ssize_t C,
+                                             void *y, Py_ssize_t Q, Py_ssize_t C,
                                              Py_ssize_t h, Py_ssize_t nb, Py_ssize_t task,
                                              int nts) noexcept nogil:
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
-    if floating is float:
-        fn_channels_scale_shift_f32(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
-                                    y + off, nts)
-    else:
-        fn_channels_scale_shift_f64(x + off, n, C, mean + p * C, alpha + p * C, beta + p * C,
-                                    y + off, nts)
+    fn_channels_scale_shift(kd, _at(x, off, _ISZ[kd]), n, C, mean + p * C, alpha + p * C,
+                            beta + p * C, _atw(y, off, _ISZ[kd]), nts)
 
 
-cdef void _channels_scale_shift_t(const floating *x, const double *mean, const double *alpha,
-                                  const double *beta, floating *y, Py_ssize_t P, Py_ssize_t Q,
-                                  Py_ssize_t C, int nt) noexcept nogil:
+cdef void _channels_scale_shift_t(int kd, const void *x, const double *mean,
+                                  const double *alpha, const double *beta, void *y,
+                                  Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
+                                  int nt) noexcept nogil:
     # IN x (P, Q, C), mean/alpha/beta (P, C) float64   OUT y (P, Q, C)
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
-    cdef int nts = _streaming((P * Q * C) * sizeof(floating))
+    cdef int nts = _streaming((P * Q * C) * _ISZ[kd])
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _channels_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
+            _channels_scale_shift_block(kd, x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
     else:
         for k in range(P * nb):
-            _channels_scale_shift_block(x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
+            _channels_scale_shift_block(kd, x, mean, alpha, beta, y, Q, C, h, nb, k, nts)
 
 
 cdef _channels_scale_shift(x, mean, alpha, beta, y, int nt):
-    cdef int t = _dtype(x, "x", 3)
+    cdef int kd = _kind(x, "x", 3)
+    cdef int t = _TNUM[kd]
     cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
     cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
     cdef const double *pm = <const double *>_data(mean, "mean", _F64, 2, False, P, C)
@@ -847,10 +771,7 @@ cdef _channels_scale_shift(x, mean, alpha, beta, y, int nt):
     cdef void *py = _data(y, "y", t, 3, True, P, Q, C)
     _disjoint_or_same(y, x, "y", "x")
     with nogil:
-        if t == _F32:
-            _channels_scale_shift_t(<const float *>px, pm, pa, pb, <float *>py, P, Q, C, nt)
-        else:
-            _channels_scale_shift_t(<const double *>px, pm, pa, pb, <double *>py, P, Q, C, nt)
+        _channels_scale_shift_t(kd, px, pm, pa, pb, py, P, Q, C, nt)
 
 
 def channels_scale_shift(x, mean, alpha, beta, y):
@@ -865,38 +786,40 @@ def channels_scale_shift_parallel(x, mean, alpha, beta, y):
 
 # ------------------------------------------------------------------------ channels_dot
 
-cdef inline void _channels_dot_block(const floating *dy, const floating *x, const double *mean,
-                                     double *bs, double *bsx, Py_ssize_t Q, Py_ssize_t C,
-                                     Py_ssize_t h, Py_ssize_t nb, Py_ssize_t task) noexcept nogil:
+cdef inline void _channels_dot_block(int kd, const void *dy, const void *x,
+                                     const double *mean, double *bs, double *bsx,
+                                     Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t nb,
+                                     Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
-    if floating is float:
-        fn_channels_dot_f32(dy + off, x + off, n, C, mean + p * C, bs + task * C, bsx + task * C)
-    else:
-        fn_channels_dot_f64(dy + off, x + off, n, C, mean + p * C, bs + task * C, bsx + task * C)
+    fn_channels_dot(kd, _at(dy, off, _ISZ[kd]), _at(x, off, _ISZ[kd]), n, C, mean + p * C,
+                    bs + task * C, bsx + task * C)
 
 
-cdef void _channels_dot_t(const floating *dy, const floating *x, const double *mean, double *s,
-                          double *sx, double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
-                          int nt) noexcept nogil:
+cdef void _channels_dot_t(int kd, const void *dy, const void *x, const double *mean,
+                          double *s, double *sx, double *buf, Py_ssize_t P, Py_ssize_t Q,
+                          Py_ssize_t C, int nt) noexcept nogil:
     # IN dy, x (P, Q, C), mean (P, C) float64   OUT sum_dy, sum_dyxc (P, C) float64
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
     cdef double *bs = buf
     cdef double *bsx = buf + P * nb * C
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _channels_dot_block(dy, x, mean, bs, bsx, Q, C, h, nb, k)
+            _channels_dot_block(kd, dy, x, mean, bs, bsx, Q, C, h, nb, k)
         for k in prange(P, num_threads=nt, schedule="static"):
-            fn_channels_dot_merge(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C, sx + k * C)
+            fn_channels_dot_merge(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C,
+                                  sx + k * C)
     else:
         for k in range(P * nb):
-            _channels_dot_block(dy, x, mean, bs, bsx, Q, C, h, nb, k)
+            _channels_dot_block(kd, dy, x, mean, bs, bsx, Q, C, h, nb, k)
         for k in range(P):
-            fn_channels_dot_merge(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C, sx + k * C)
+            fn_channels_dot_merge(nb, C, bs + k * nb * C, bsx + k * nb * C, s + k * C,
+                                  sx + k * C)
 
 
 cdef _channels_dot(dy, x, mean, sum_dy, sum_dyxc, int nt):
-    cdef int t = _dtype(x, "x", 3)
+    cdef int kd = _kind(x, "x", 3)
+    cdef int t = _TNUM[kd]
     cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
     cdef void *pdy = _data(dy, "dy", t, 3, False, P, Q, C)
     cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
@@ -905,10 +828,7 @@ cdef _channels_dot(dy, x, mean, sum_dy, sum_dyxc, int nt):
     cdef double *psx = <double *>_data(sum_dyxc, "sum_dyxc", _F64, 2, True, P, C)
     cdef double *buf = _partials(P, Q, C)
     with nogil:
-        if t == _F32:
-            _channels_dot_t(<const float *>pdy, <const float *>px, pm, ps, psx, buf, P, Q, C, nt)
-        else:
-            _channels_dot_t(<const double *>pdy, <const double *>px, pm, ps, psx, buf, P, Q, C, nt)
+        _channels_dot_t(kd, pdy, px, pm, ps, psx, buf, P, Q, C, nt)
     free(buf)
 
 
@@ -924,38 +844,37 @@ def channels_dot_parallel(dy, x, mean, sum_dy, sum_dyxc):
 
 # ------------------------------------------------------------------------ channels_bwd_apply
 
-cdef inline void _channels_bwd_apply_block(const floating *dy, const floating *x,
+cdef inline void _channels_bwd_apply_block(int kd, const void *dy, const void *x,
                                            const double *mean, const double *c1,
-                                           const double *c2, const double *c3, floating *dx,
+                                           const double *c2, const double *c3, void *dx,
                                            Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h,
                                            Py_ssize_t nb, Py_ssize_t task,
                                            int nts) noexcept nogil:
     cdef Py_ssize_t p = task // nb, b = task % nb
     cdef Py_ssize_t n = min(Q, b * h + h) - b * h, off = (p * Q + b * h) * C
-    if floating is float:
-        fn_channels_bwd_apply_f32(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
-                                  c3 + p * C, dx + off, nts)
-    else:
-        fn_channels_bwd_apply_f64(dy + off, x + off, n, C, mean + p * C, c1 + p * C, c2 + p * C,
-                                  c3 + p * C, dx + off, nts)
+    fn_channels_bwd_apply(kd, _at(dy, off, _ISZ[kd]), _at(x, off, _ISZ[kd]), n, C,
+                          mean + p * C, c1 + p * C, c2 + p * C, c3 + p * C,
+                          _atw(dx, off, _ISZ[kd]), nts)
 
 
-cdef void _channels_bwd_apply_t(const floating *dy, const floating *x, const double *mean,
-                                const double *c1, const double *c2, const double *c3, floating *dx,
-                                Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
+cdef void _channels_bwd_apply_t(int kd, const void *dy, const void *x, const double *mean,
+                                const double *c1, const double *c2, const double *c3,
+                                void *dx, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
+                                int nt) noexcept nogil:
     # IN dy, x (P, Q, C), mean/c1/c2/c3 (P, C) float64   OUT dx (P, Q, C)
     cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
-    cdef int nts = _streaming((P * Q * C) * sizeof(floating))
+    cdef int nts = _streaming((P * Q * C) * _ISZ[kd])
     if nt > 1 and P * nb > 1:
         for k in prange(P * nb, num_threads=nt, schedule="static"):
-            _channels_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
+            _channels_bwd_apply_block(kd, dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
     else:
         for k in range(P * nb):
-            _channels_bwd_apply_block(dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
+            _channels_bwd_apply_block(kd, dy, x, mean, c1, c2, c3, dx, Q, C, h, nb, k, nts)
 
 
 cdef _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
-    cdef int t = _dtype(x, "x", 3)
+    cdef int kd = _kind(x, "x", 3)
+    cdef int t = _TNUM[kd]
     cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
     cdef void *pdy = _data(dy, "dy", t, 3, False, P, Q, C)
     cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
@@ -967,12 +886,7 @@ cdef _channels_bwd_apply(dy, x, mean, c1, c2, c3, dx, int nt):
     _disjoint(dx, dy, "dx", "dy")
     _disjoint(dx, x, "dx", "x")
     with nogil:
-        if t == _F32:
-            _channels_bwd_apply_t(<const float *>pdy, <const float *>px, pm, p1, p2, p3,
-                                  <float *>pdx, P, Q, C, nt)
-        else:
-            _channels_bwd_apply_t(<const double *>pdy, <const double *>px, pm, p1, p2, p3,
-                                  <double *>pdx, P, Q, C, nt)
+        _channels_bwd_apply_t(kd, pdy, px, pm, p1, p2, p3, pdx, P, Q, C, nt)
 
 
 def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
@@ -987,67 +901,57 @@ def channels_bwd_apply_parallel(dy, x, mean, c1, c2, c3, dx):
 
 # ------------------------------------------------------------------------ channels_fwd_grouped
 
-cdef inline void _channels_fwd_grouped_c(const floating *x, const floating *w, const floating *b,
-                                         double eps, floating *y, floating *mean, floating *rstd,
-                                         double *buf, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
-                                         Py_ssize_t h, Py_ssize_t p, int nts) noexcept nogil:
-    if floating is float:
-        fn_channels_fwd_grouped_f32(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
-                                    mean + p * G, rstd + p * G, buf, nts)
-    else:
-        fn_channels_fwd_grouped_f64(x + p * Q * C, Q, C, G, h, w, b, eps, y + p * Q * C,
-                                    mean + p * G, rstd + p * G, buf, nts)
-
-
-cdef void _channels_fwd_grouped_t(const floating *x, const floating *w, const floating *b,
-                                  double eps, floating *y, floating *mean, floating *rstd,
-                                  double *buf, Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C,
-                                  Py_ssize_t G, int nt) noexcept nogil:
-    # IN x (P, Q, C), w/b (C,) or NULL   OUT y (P, Q, C), mean/rstd (P, G)
-    # buf: P slices of _grouped_scratch(Q, C) doubles; one sample per task (any thread count
-    # computes each sample the same way)
-    cdef Py_ssize_t p, h = _block_rows(Q, C), per = _grouped_scratch(Q, C)
-    cdef int nts = _streaming((P * Q * C) * sizeof(floating))
-    if nt > 1 and P > 1:
-        for p in prange(P, num_threads=nt, schedule="static"):
-            _channels_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf + p * per, Q, C, G, h, p, nts)
-    else:
-        for p in range(P):
-            _channels_fwd_grouped_c(x, w, b, eps, y, mean, rstd, buf, Q, C, G, h, p, nts)
-
-
 cdef inline Py_ssize_t _grouped_scratch(Py_ssize_t Q, Py_ssize_t C) noexcept nogil:
     """float64 scratch of fn_channels_fwd_grouped for one sample: 2*nb*C + 4*C."""
     cdef Py_ssize_t h = _block_rows(Q, C)
     return (2 * ((Q + h - 1) // h) + 4) * C
 
 
+cdef void _channels_fwd_grouped_t(int kd, const void *x, const void *w, const void *b,
+                                  double eps, void *y, void *mean, void *rstd, double *buf,
+                                  Py_ssize_t P, Py_ssize_t Q, Py_ssize_t C, Py_ssize_t G,
+                                  int nt) noexcept nogil:
+    # IN x (P, Q, C), w/b (C,) or NULL   OUT y (P, Q, C), mean/rstd (P, G)
+    # buf: P slices of _grouped_scratch(Q, C) doubles; one sample per task (any thread count
+    # computes each sample the same way)
+    cdef Py_ssize_t p, h = _block_rows(Q, C), per = _grouped_scratch(Q, C)
+    cdef Py_ssize_t isz = _ISZ[kd], tsz = _TSZ[kd]
+    cdef int nts = _streaming((P * Q * C) * isz)
+    if nt > 1 and P > 1:
+        for p in prange(P, num_threads=nt, schedule="static"):
+            fn_channels_fwd_grouped(kd, _at(x, p * Q * C, isz), Q, C, G, h, w, b, eps,
+                                    _atw(y, p * Q * C, isz), _atw(mean, p * G, tsz),
+                                    _atw(rstd, p * G, tsz), buf + p * per, nts)
+    else:
+        for p in range(P):
+            fn_channels_fwd_grouped(kd, _at(x, p * Q * C, isz), Q, C, G, h, w, b, eps,
+                                    _atw(y, p * Q * C, isz), _atw(mean, p * G, tsz),
+                                    _atw(rstd, p * G, tsz), buf, nts)
+
+
 cdef _channels_fwd_grouped(x, weight, bias, double eps, y, mean, rstd, int nt):
-    cdef int t = _dtype(x, "x", 3)
+    cdef int kd = _kind(x, "x", 3)
+    cdef int t = _TNUM[kd], tt = _TTNUM[kd]
     cdef Py_ssize_t P = _dim(x, 0), Q = _dim(x, 1), C = _dim(x, 2)
-    _dtype(mean, "mean", 2)  # an ndarray of 2 dims before its shape is read
+    if not cnp.PyArray_Check(mean) or cnp.PyArray_NDIM(<cnp.ndarray>mean) != 2:
+        raise ValueError("mean must be a 2-D numpy.ndarray (P, G)")
     cdef Py_ssize_t G = _dim(mean, 1)
     if G < 1 or C % G or Q < 1:
         raise ValueError(f"mean must be (P, G) with G dividing C = {C} and Q >= 1 rows")
+    weight, bias = _param(weight, "weight", kd), _param(bias, "bias", kd)
     cdef void *px = _data(x, "x", t, 3, False, P, Q, C)
-    cdef void *pw = _opt(weight, "weight", t, 1, False, C)
-    cdef void *pb = _opt(bias, "bias", t, 1, False, C)
+    cdef void *pw = _opt(weight, "weight", tt, 1, False, C)
+    cdef void *pb = _opt(bias, "bias", tt, 1, False, C)
     cdef void *py = _data(y, "y", t, 3, True, P, Q, C)
-    cdef void *pm = _data(mean, "mean", t, 2, True, P, G)
-    cdef void *pr = _data(rstd, "rstd", t, 2, True, P, G)
+    cdef void *pm = _data(mean, "mean", tt, 2, True, P, G)
+    cdef void *pr = _data(rstd, "rstd", tt, 2, True, P, G)
     _disjoint_or_same(y, x, "y", "x")
     cdef Py_ssize_t nbuf = _grouped_scratch(Q, C) * (P if nt > 1 else 1)
     cdef double *buf = <double *>malloc(max(1, nbuf) * sizeof(double))
     if buf == NULL:
         raise MemoryError()
     with nogil:
-        if t == _F32:
-            _channels_fwd_grouped_t(<const float *>px, <const float *>pw, <const float *>pb, eps,
-                                    <float *>py, <float *>pm, <float *>pr, buf, P, Q, C, G, nt)
-        else:
-            _channels_fwd_grouped_t(<const double *>px, <const double *>pw, <const double *>pb,
-                                    eps, <double *>py, <double *>pm, <double *>pr, buf, P, Q, C, G,
-                                    nt)
+        _channels_fwd_grouped_t(kd, px, pw, pb, eps, py, pm, pr, buf, P, Q, C, G, nt)
     free(buf)
 
 
@@ -1065,37 +969,33 @@ def channels_fwd_grouped_parallel(x, weight, bias, eps, y, mean, rstd):
 # Not (yet) in the reference contract: eval-mode normalization with fixed statistics, fused
 # so that one-row inference (BN eval on (1, C)) is one call with no NumPy temporaries.
 # fastnorm._dispatch composes it from channels_scale_shift for backends without it.
+# mean/var/weight/bias are in the data's dtype for float32/float64 data, and float32 (or
+# the data's half dtype, converted) for half-precision data.
 
-cdef inline void _channels_eval_block(const floating *x, const floating *cf, floating *y,
-                                      Py_ssize_t Q, Py_ssize_t C, Py_ssize_t h, Py_ssize_t k,
-                                      int nts) noexcept nogil:
-    # rows [k*h, min(Q, (k+1)*h)) with the coefficients cf = mh, ml, af, bf (4 x C)
-    cdef Py_ssize_t n = min(Q, k * h + h) - k * h
-    if floating is float:
-        fn_channels_eval_apply_f32(x + k * h * C, n, C, cf, cf + C, cf + 2 * C, cf + 3 * C,
-                                   y + k * h * C, nts)
-    else:
-        fn_channels_eval_apply_f64(x + k * h * C, n, C, cf, cf + C, cf + 2 * C, cf + 3 * C,
-                                   y + k * h * C, nts)
-
-
-cdef void _channels_eval_t(const floating *x, const floating *mean, const floating *var,
-                           const floating *w, const floating *b, double eps, floating *y,
-                           floating *cf, Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
+cdef void _channels_eval_t(int kd, const void *x, const void *mean, const void *var,
+                           const void *w, const void *b, double eps, void *y, void *cf,
+                           Py_ssize_t Q, Py_ssize_t C, int nt) noexcept nogil:
     # IN x (Q, C), mean/var (C,), w/b (C,)|NULL   OUT y = (x - mean) * (rstd * w) + b
-    # cf: room for 4 * C coefficients
-    cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k
-    cdef int nts = _streaming((Q * C) * sizeof(floating))
-    if floating is float:
-        fn_channels_eval_coefs_f32(mean, var, w, b, eps, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
-    else:
-        fn_channels_eval_coefs_f64(mean, var, w, b, eps, C, cf, cf + C, cf + 2 * C, cf + 3 * C)
+    # cf: room for 4 * C coefficients mh, ml, af, bf (T)
+    cdef Py_ssize_t h = _block_rows(Q, C), nb = (Q + h - 1) // h, k, n
+    cdef Py_ssize_t isz = _ISZ[kd], tsz = _TSZ[kd]
+    cdef int nts = _streaming((Q * C) * isz)
+    cdef const void *mh = cf
+    cdef const void *ml = _at(cf, C, tsz)
+    cdef const void *af = _at(cf, 2 * C, tsz)
+    cdef const void *bf = _at(cf, 3 * C, tsz)
+    fn_channels_eval_coefs(kd, mean, var, w, b, eps, C, cf, _atw(cf, C, tsz),
+                           _atw(cf, 2 * C, tsz), _atw(cf, 3 * C, tsz))
     if nt > 1 and nb > 1:
         for k in prange(nb, num_threads=nt, schedule="static"):
-            _channels_eval_block(x, cf, y, Q, C, h, k, nts)
+            n = min(Q, k * h + h) - k * h
+            fn_channels_eval_apply(kd, _at(x, k * h * C, isz), n, C, mh, ml, af, bf,
+                                   _atw(y, k * h * C, isz), nts)
     else:
         for k in range(nb):
-            _channels_eval_block(x, cf, y, Q, C, h, k, nts)
+            n = min(Q, k * h + h) - k * h
+            fn_channels_eval_apply(kd, _at(x, k * h * C, isz), n, C, mh, ml, af, bf,
+                                   _atw(y, k * h * C, isz), nts)
 
 
 cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
@@ -1105,7 +1005,8 @@ cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
     cdef int nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
     if nd < 1:
         raise ValueError("x must have at least 1 dimension")
-    cdef int t = _dtype(x, "x", nd)
+    cdef int kd = _kind(x, "x", nd)
+    cdef int t = _TNUM[kd], tt = _TTNUM[kd]
     cdef Py_ssize_t C = _dim(x, nd - 1)
     cdef Py_ssize_t Q = cnp.PyArray_SIZE(<cnp.ndarray>x) // C if C else 0
     if not (cnp.PyArray_Check(y) and cnp.PyArray_SAMESHAPE(<cnp.ndarray>x, <cnp.ndarray>y)):
@@ -1119,22 +1020,17 @@ cdef _channels_eval(x, mean, var, weight, bias, double eps, y, int nt):
     cdef void *px = _data(xv, "x", t, 2, False, Q, C)
     cdef void *py = _data(yv, "y", t, 2, True, Q, C)
     _disjoint_or_same(y, x, "y", "x")
-    cdef void *pm = _data(mean, "mean", t, 1, False, C)
-    cdef void *pv = _data(var, "var", t, 1, False, C)
-    cdef void *pw = _opt(weight, "weight", t, 1, False, C)
-    cdef void *pb = _opt(bias, "bias", t, 1, False, C)
+    mean, var = _param(mean, "mean", kd), _param(var, "var", kd)
+    weight, bias = _param(weight, "weight", kd), _param(bias, "bias", kd)
+    cdef void *pm = _data(mean, "mean", tt, 1, False, C)
+    cdef void *pv = _data(var, "var", tt, 1, False, C)
+    cdef void *pw = _opt(weight, "weight", tt, 1, False, C)
+    cdef void *pb = _opt(bias, "bias", tt, 1, False, C)
     cdef double *buf = <double *>malloc(max(1, 4 * C) * sizeof(double))  # 4 x C coefficients
     if buf == NULL:
         raise MemoryError()
     with nogil:
-        if t == _F32:
-            _channels_eval_t(<const float *>px, <const float *>pm, <const float *>pv,
-                             <const float *>pw, <const float *>pb, eps, <float *>py, <float *>buf,
-                             Q, C, nt)
-        else:
-            _channels_eval_t(<const double *>px, <const double *>pm, <const double *>pv,
-                             <const double *>pw, <const double *>pb, eps, <double *>py,
-                             <double *>buf, Q, C, nt)
+        _channels_eval_t(kd, px, pm, pv, pw, pb, eps, py, buf, Q, C, nt)
     free(buf)
 
 

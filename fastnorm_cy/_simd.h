@@ -32,6 +32,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && \
@@ -78,6 +79,17 @@ typedef double fn_vd32 __attribute__((vector_size(32)));
 typedef float fn_vf16 __attribute__((vector_size(16)));
 typedef double fn_vd16 __attribute__((vector_size(16)));
 typedef float fn_vf8 __attribute__((vector_size(8)));
+/* half-precision storage (float16 / bfloat16 bits) and the uint32 lanes bfloat16 is widened
+ * to: FN_LF or FN_LD of them per vector (FN_VHN / FN_VUN, FN_VHD / FN_VUD, set per
+ * instruction set below) */
+typedef uint16_t fn_vh32 __attribute__((vector_size(32)));
+typedef uint16_t fn_vh16 __attribute__((vector_size(16)));
+typedef uint16_t fn_vh8 __attribute__((vector_size(8)));
+typedef uint16_t fn_vh4 __attribute__((vector_size(4)));
+typedef uint32_t fn_vu64 __attribute__((vector_size(64)));
+typedef uint32_t fn_vu32 __attribute__((vector_size(32)));
+typedef uint32_t fn_vu16 __attribute__((vector_size(16)));
+typedef uint32_t fn_vu8 __attribute__((vector_size(8)));
 #define FN_LD8D(p) __extension__({ FN_VD v_; memcpy(&v_, (p), sizeof v_); v_; })
 /* float32 -> float64 lane by lane: GCC 12 turns __builtin_convertvector(8 floats -> 8
  * doubles) into two 4-wide converts, an extract and an insert (5 instructions where one
@@ -109,9 +121,20 @@ typedef float fn_vf8 __attribute__((vector_size(8)));
                              FN_ST8D((p) + FN_LD, FN_LD8D((p) + FN_LD) + FN_CVT8F(a_, FN_LD)); \
                         } while (0)
 #define FN_ACC64D(p, v) FN_ST8D((p), FN_LD8D(p) + (v))
-#define FN_LDV(p) __extension__({ FN_VT v_; memcpy(&v_, (p), sizeof v_); v_; })
-#define FN_STV(p, v) do { FN_VT v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
+/* FN_VN lanes of FN_T: FN_LDT loads them from an FN_T array (coefficients, weights);
+ * FN_LDV / FN_STV load and store them from and to the data (FN_S), which for float and
+ * double is the same memcpy (FN_LDV_RAW) and for half precision converts (_simd_isa.h) */
+#define FN_LDT(p) __extension__({ FN_VT v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define FN_LDV_RAW FN_LDT
+#define FN_STV_RAW(p, v) do { FN_VT v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
 #define FN_SPLATV(s) ((FN_VT){0} + (FN_T)(s))
+/* bfloat16 bits of float32 lanes f (uint32 vector type VU): round to nearest even on the
+ * bit pattern (the carry out of the mantissa bumps the exponent, up to inf); NaN stays a
+ * (quiet) NaN, where the rounding add could carry it into inf. Exact for subnormals, unlike
+ * AVX512-BF16's vcvtneps2bf16, which flushes them to zero. */
+#define FN_BF16_ROUND(VU, f) __extension__({ VU u_ = (VU)(f), n_ = (VU)((f) != (f)); \
+                                             VU r_ = (u_ + 0x7fff + ((u_ >> 16) & 1)) >> 16; \
+                                             (r_ & ~n_) | (((u_ >> 16) | 0x40) & n_); })
 #else /* no vector extensions: the vector loops below compile to nothing */
 #define FN_VEC 0
 #define FN_LD8D(p) 0.0
@@ -120,8 +143,9 @@ typedef float fn_vf8 __attribute__((vector_size(8)));
 #define FN_ST8F(p, d) ((void)(d))
 #define FN_SPLAT(s) 0.0
 #define FN_UNROLL
-#define FN_LDV(p) 0
-#define FN_STV(p, v) ((void)(v))
+#define FN_LDT(p) 0
+#define FN_LDV_RAW(p) 0
+#define FN_STV_RAW(p, v) ((void)(v))
 #define FN_SPLATV(s) 0
 #endif
 
@@ -146,30 +170,32 @@ typedef float fn_vf8 __attribute__((vector_size(8)));
 #define FN_ST8F_NT(p, d) do { FN_VFH w_ = __builtin_convertvector((d), FN_VFH); \
                               FN_STREAM((p), w_); } while (0)
 #define FN_ST8D_NT(p, d) do { FN_VD w_ = (d); FN_STREAM((p), w_); } while (0)
-#define FN_STV_NT(p, v) do { FN_VT w_ = (v); FN_STREAM((p), w_); } while (0)
+#define FN_STV_NT_RAW(p, v) do { FN_VT w_ = (v); FN_STREAM((p), w_); } while (0)
 #define FN_SFENCE() _mm_sfence()
 #else
 #define FN_HAVE_NT 0
+#define FN_STREAM(p, v) do { __typeof__(v) s_ = (v); memcpy((p), &s_, sizeof s_); } while (0)
 #define FN_ST8F_NT FN_ST8F
 #define FN_ST8D_NT FN_ST8D
-#define FN_STV_NT FN_STV
+#define FN_STV_NT_RAW FN_STV_RAW
 #define FN_SFENCE() ((void)0)
 #endif
 
-/* dst[i] = (FN_T)(SEXPR) for i in [0, n), VEXPR (FN_LD float64 lanes of the same formula)
- * where whole vectors fit; non-temporal (nts) from the first 16-byte aligned element. */
+/* dst[i] = SEXPR (stored as FN_S) for i in [0, n), VEXPR (FN_LD float64 lanes of the same
+ * formula) where whole vectors fit; non-temporal (nts) from the first 16-byte aligned
+ * element. */
 #define FN_APPLY(i, n, dst, VEXPR, SEXPR, nts) do { \
         i = 0; \
         if (FN_HAVE_NT && (nts)) { \
             for (; i < (n) && ((size_t)((dst) + i) & 15); i++) \
-                (dst)[i] = (FN_T)(SEXPR); \
+                (dst)[i] = FN_STS(SEXPR); \
             for (; i + FN_LD <= (n); i += FN_LD) \
                 FN_ST8_NT((dst) + i, (VEXPR)); \
         } \
         for (; FN_VEC && i + FN_LD <= (n); i += FN_LD) \
             FN_ST8((dst) + i, (VEXPR)); \
         for (; i < (n); i++) \
-            (dst)[i] = (FN_T)(SEXPR); \
+            (dst)[i] = FN_STS(SEXPR); \
     } while (0)
 
 /* The same in FN_T lanes (FN_VN per vector): the forward applies, written as
@@ -180,14 +206,14 @@ typedef float fn_vf8 __attribute__((vector_size(8)));
         i = 0; \
         if (FN_HAVE_NT && (nts)) { \
             for (; i < (n) && ((size_t)((dst) + i) & 15); i++) \
-                (dst)[i] = (SEXPR); \
+                (dst)[i] = FN_STS(SEXPR); \
             for (; i + FN_VN <= (n); i += FN_VN) \
                 FN_STV_NT((dst) + i, (VEXPR)); \
         } \
         for (; FN_VEC && i + FN_VN <= (n); i += FN_VN) \
             FN_STV((dst) + i, (VEXPR)); \
         for (; i < (n); i++) \
-            (dst)[i] = (SEXPR); \
+            (dst)[i] = FN_STS(SEXPR); \
     } while (0)
 
 /* Prefetch the `bytes` (a multiple of 64) at p into L1. A two-pass block reads memory in its
@@ -247,6 +273,79 @@ FN_INLINE void fn_chan_merge(double *n_a, double *mean_a, double *m2_a,
     *n_a = n;
 }
 
+/* Half precision, portable: IEEE float16 and bfloat16 bits <-> float32, round to nearest
+ * even, subnormals and NaN kept (the same bits as NumPy's and ml_dtypes' casts). The kernels
+ * use F16C instructions instead where the instruction set has them (_simd_isa.h); these
+ * serve the x86-64 baseline body, other architectures, scalar tails there, and the
+ * conversion of half-precision weights into float32 (_kernels.pyx). */
+static inline float fn_bits_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t fn_f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float fn_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    if (e == 0x1f) /* inf, NaN */
+        return fn_bits_f32(sign | 0x7f800000 | (m << 13));
+    if (e == 0) {
+        int sh;
+        if (m == 0)
+            return fn_bits_f32(sign);
+        sh = __builtin_clz(m) - 21; /* subnormal: move the leading 1 to bit 10 */
+        m = (m << sh) & 0x3ff;
+        e = (uint32_t)(1 - sh);     /* may wrap; (e + 112) below is exact modulo 2^32 */
+    }
+    return fn_bits_f32(sign | ((e + 112) << 23) | (m << 13));
+}
+
+static inline uint16_t fn_f32_to_f16(float f)
+{
+    const uint32_t u = fn_f32_bits(f), a = u & 0x7fffffff;
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    uint32_t e, mant, sh, q, rem, half;
+    if (a > 0x7f800000) /* NaN: quiet, top of the payload kept */
+        return sign | 0x7e00 | ((a >> 13) & 0x3ff);
+    if (a >= 0x477ff000) /* |f| >= 65520 (rounds past 65504) or inf */
+        return sign | 0x7c00;
+    if (a >= 0x38800000) { /* a normal float16: rebias the exponent, round at bit 13 */
+        const uint32_t r = a - 0x38000000;
+        return sign | (uint16_t)((r + 0xfff + ((r >> 13) & 1)) >> 13);
+    }
+    if (a <= 0x33000000) /* |f| <= 2^-25: half the smallest subnormal or less -> 0 */
+        return sign;
+    e = a >> 23; /* a float16 subnormal: round |f| * 2^24 to an integer */
+    mant = (a & 0x7fffff) | 0x800000;
+    sh = 126 - e; /* 14..24 */
+    q = mant >> sh;
+    rem = mant & ((1u << sh) - 1);
+    half = 1u << (sh - 1);
+    q += (rem > half) | ((rem == half) & q);
+    return sign | (uint16_t)q;
+}
+
+static inline float fn_bf16_to_f32(uint16_t h)
+{
+    return fn_bits_f32((uint32_t)h << 16);
+}
+
+static inline uint16_t fn_f32_to_bf16(float f)
+{
+    const uint32_t u = fn_f32_bits(f);
+    if ((u & 0x7fffffff) > 0x7f800000)
+        return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
 /* channels_moments: merge nb block moments (bmean, bm2: (nb, C); block b holds rows
  * [b*h, min(Q, (b+1)*h))) in block order, as repeated fn_chan_merge. OUT mean, m2 (C,) */
 FN_CLONES static void fn_channels_moments_merge(ptrdiff_t nb, ptrdiff_t h, ptrdiff_t Q,
@@ -304,10 +403,13 @@ FN_CLONES static void fn_channels_dot_merge(ptrdiff_t nb, ptrdiff_t C, const dou
 #define FN_CAT(a, b) FN_CAT2(a, b)
 #define FN_NAME(name) FN_CAT(name, FN_SUF)
 
-/* The bodies: _simd_isa.h includes _simd_body.h for float and for double, with names ending
- * in _f32/_f64 then FN_ISUF, at the vector width FN_VD/FN_LD (float64) and FN_VF/FN_LF
- * (float32, FN_VFH: FN_LD floats), each function with the attribute FN_TARGET. */
+/* The bodies: _simd_isa.h includes _simd_body.h once per data type -- float (names ending
+ * in _f32), double (_f64), float16 (_f16) and bfloat16 (_bf16) bits -- then FN_ISUF, at the
+ * vector width FN_VD/FN_LD (float64) and FN_VF/FN_LF (float32, FN_VFH: FN_LD floats), each
+ * function with the attribute FN_TARGET; FN_ISA (4, 3, 1; 0 portable) says which
+ * instructions the half-precision conversions may use. */
 #if FN_HAVE_CLONES
+#include <immintrin.h>
 /* One body per instruction set, each at the width that set holds in registers, and the
  * exported names (those _kernels.pyx calls) pick one through fn_isa, set once at import by
  * fn_simd_select. target_clones cannot do this: its clones share one source, so one vector
@@ -317,58 +419,43 @@ FN_CLONES static void fn_channels_dot_merge(ptrdiff_t nb, ptrdiff_t C, const dou
 #define FN_VF fn_vf64
 #define FN_LF 16
 #define FN_VFH fn_vf32
+#define FN_VHN fn_vh32
+#define FN_VHD fn_vh16
+#define FN_VUN fn_vu64
+#define FN_VUD fn_vu32
 #define FN_TARGET __attribute__((target("arch=x86-64-v4")))
 #define FN_ISUF _v4
+#define FN_ISA 4
 #include "_simd_isa.h"
 #define FN_VD fn_vd32
 #define FN_LD 4
 #define FN_VF fn_vf32
 #define FN_LF 8
 #define FN_VFH fn_vf16
+#define FN_VHN fn_vh16
+#define FN_VHD fn_vh8
+#define FN_VUN fn_vu32
+#define FN_VUD fn_vu16
 #define FN_TARGET __attribute__((target("arch=x86-64-v3")))
 #define FN_ISUF _v3
+#define FN_ISA 3
 #include "_simd_isa.h"
 #define FN_VD fn_vd16
 #define FN_LD 2
 #define FN_VF fn_vf16
 #define FN_LF 4
 #define FN_VFH fn_vf8
+#define FN_VHN fn_vh8
+#define FN_VHD fn_vh4
+#define FN_VUN fn_vu16
+#define FN_VUD fn_vu8
 #define FN_TARGET
 #define FN_ISUF _v1
+#define FN_ISA 1
 #include "_simd_isa.h"
 
 static int fn_isa = 1; /* the body in use: 4 (AVX-512), 3 (AVX2+FMA) or 1 (baseline) */
 #define FN_PICK(f) (fn_isa == 4 ? f##_v4 : fn_isa == 3 ? f##_v3 : f##_v1)
-#define fn_rows_fwd_f32 FN_PICK(fn_rows_fwd_f32)
-#define fn_rows_fwd_f64 FN_PICK(fn_rows_fwd_f64)
-#define fn_rows_fwd_grouped_f32 FN_PICK(fn_rows_fwd_grouped_f32)
-#define fn_rows_fwd_grouped_f64 FN_PICK(fn_rows_fwd_grouped_f64)
-#define fn_rows_bwd_f32 FN_PICK(fn_rows_bwd_f32)
-#define fn_rows_bwd_f64 FN_PICK(fn_rows_bwd_f64)
-#define fn_rows_moments_f32 FN_PICK(fn_rows_moments_f32)
-#define fn_rows_moments_f64 FN_PICK(fn_rows_moments_f64)
-#define fn_rows_scale_shift_f32 FN_PICK(fn_rows_scale_shift_f32)
-#define fn_rows_scale_shift_f64 FN_PICK(fn_rows_scale_shift_f64)
-#define fn_rows_dot_f32 FN_PICK(fn_rows_dot_f32)
-#define fn_rows_dot_f64 FN_PICK(fn_rows_dot_f64)
-#define fn_rows_bwd_apply_f32 FN_PICK(fn_rows_bwd_apply_f32)
-#define fn_rows_bwd_apply_f64 FN_PICK(fn_rows_bwd_apply_f64)
-#define fn_rows_bwd_grouped_f32 FN_PICK(fn_rows_bwd_grouped_f32)
-#define fn_rows_bwd_grouped_f64 FN_PICK(fn_rows_bwd_grouped_f64)
-#define fn_channels_moments_f32 FN_PICK(fn_channels_moments_f32)
-#define fn_channels_moments_f64 FN_PICK(fn_channels_moments_f64)
-#define fn_channels_scale_shift_f32 FN_PICK(fn_channels_scale_shift_f32)
-#define fn_channels_scale_shift_f64 FN_PICK(fn_channels_scale_shift_f64)
-#define fn_channels_dot_f32 FN_PICK(fn_channels_dot_f32)
-#define fn_channels_dot_f64 FN_PICK(fn_channels_dot_f64)
-#define fn_channels_bwd_apply_f32 FN_PICK(fn_channels_bwd_apply_f32)
-#define fn_channels_bwd_apply_f64 FN_PICK(fn_channels_bwd_apply_f64)
-#define fn_channels_fwd_grouped_f32 FN_PICK(fn_channels_fwd_grouped_f32)
-#define fn_channels_fwd_grouped_f64 FN_PICK(fn_channels_fwd_grouped_f64)
-#define fn_channels_eval_coefs_f32 FN_PICK(fn_channels_eval_coefs_f32)
-#define fn_channels_eval_coefs_f64 FN_PICK(fn_channels_eval_coefs_f64)
-#define fn_channels_eval_apply_f32 FN_PICK(fn_channels_eval_apply_f32)
-#define fn_channels_eval_apply_f64 FN_PICK(fn_channels_eval_apply_f64)
 
 /* The best body this CPU runs, or ``want`` (4, 3, 1) when the CPU runs it (tests, and
  * FASTNORM_SIMD); returns the level now in use. Called at import, before any kernel. */
@@ -393,9 +480,15 @@ static const char *fn_simd_clone(void)
 #define FN_VF fn_vf64
 #define FN_LF 16
 #define FN_VFH fn_vf32
+#define FN_VHN fn_vh32
+#define FN_VHD fn_vh16
+#define FN_VUN fn_vu64
+#define FN_VUD fn_vu32
 #define FN_TARGET
 #define FN_ISUF
+#define FN_ISA 0
 #include "_simd_isa.h"
+#define FN_PICK(f) f
 
 static int fn_simd_select(int want)
 {
@@ -408,5 +501,169 @@ static const char *fn_simd_clone(void)
     return "portable (no multiversioning on this platform)";
 }
 #endif
+
+/* ------------------------------------------------------------------ the exported kernels
+ * One entry per kernel, named as the kernel (fn_rows_fwd for rows_fwd): ``kind`` (FN_F32,
+ * FN_F64, FN_F16, FN_BF16: the data type of x) picks the body of that type in the
+ * instruction set in use. Data arrays (x, y, dy, dx) hold FN_S; per-row statistics, weights
+ * and eval coefficients hold FN_T: the data type for float and double, float32 for half
+ * precision; moments, sums and coefficients passed as double stay double. */
+enum { FN_F32 = 0, FN_F64 = 1, FN_F16 = 2, FN_BF16 = 3 };
+#define FN_BY_KIND(kind, CALL) do { \
+        switch (kind) { \
+        case FN_F32: CALL(_f32, float, float); break; \
+        case FN_F64: CALL(_f64, double, double); break; \
+        case FN_F16: CALL(_f16, uint16_t, float); break; \
+        default: CALL(_bf16, uint16_t, float); break; \
+        } \
+    } while (0)
+
+static void fn_rows_fwd(int kind, const void *x, ptrdiff_t M, const void *w, const void *b,
+                        double eps, int rms, void *y, void *mean, void *rstd, ptrdiff_t lo,
+                        ptrdiff_t hi)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_rows_fwd##SUF)((const S *)x, M, (const T *)w, \
+        (const T *)b, eps, rms, (S *)y, (T *)mean, (T *)rstd, lo, hi)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_rows_fwd_grouped(int kind, const void *x, ptrdiff_t K, ptrdiff_t S_,
+                                ptrdiff_t G, const void *w, const void *b, double eps,
+                                void *y, void *mean, void *rstd, ptrdiff_t lo, ptrdiff_t hi,
+                                int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_rows_fwd_grouped##SUF)((const S *)x, K, S_, G, \
+        (const T *)w, (const T *)b, eps, (S *)y, (T *)mean, (T *)rstd, lo, hi, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_rows_bwd(int kind, const void *dy, const void *x, const void *mean,
+                        const void *rstd, const void *w, int rms, ptrdiff_t M, void *dx,
+                        double *dwb, double *dbb, ptrdiff_t lo, ptrdiff_t hi, int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_rows_bwd##SUF)((const S *)dy, (const S *)x, \
+        (const T *)mean, (const T *)rstd, (const T *)w, rms, M, (S *)dx, dwb, dbb, lo, hi, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_rows_moments(int kind, const void *x, ptrdiff_t M, double *mean, double *m2,
+                            ptrdiff_t lo, ptrdiff_t hi)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_rows_moments##SUF)((const S *)x, M, mean, m2, lo, hi)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_rows_scale_shift(int kind, const void *x, ptrdiff_t M, const double *mean,
+                                const double *alpha, const double *beta, void *y,
+                                ptrdiff_t lo, ptrdiff_t hi, int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_rows_scale_shift##SUF)((const S *)x, M, mean, alpha, \
+        beta, (S *)y, lo, hi, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_rows_dot(int kind, const void *dy, const void *x, ptrdiff_t M,
+                        const double *mean, double *sum_dy, double *sum_dyxc, ptrdiff_t lo,
+                        ptrdiff_t hi)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_rows_dot##SUF)((const S *)dy, (const S *)x, M, mean, \
+        sum_dy, sum_dyxc, lo, hi)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_rows_bwd_apply(int kind, const void *dy, const void *x, ptrdiff_t M,
+                              const double *mean, const double *c1, const double *c2,
+                              const double *c3, void *dx, ptrdiff_t lo, ptrdiff_t hi, int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_rows_bwd_apply##SUF)((const S *)dy, (const S *)x, M, \
+        mean, c1, c2, c3, (S *)dx, lo, hi, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_rows_bwd_grouped(int kind, const void *dy, const void *x, ptrdiff_t K,
+                                ptrdiff_t S_, ptrdiff_t G, const double *mean,
+                                const double *rstd, const double *w, void *dx, double *sdy,
+                                double *sdxh, ptrdiff_t lo, ptrdiff_t hi, int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_rows_bwd_grouped##SUF)((const S *)dy, (const S *)x, K, \
+        S_, G, mean, rstd, w, (S *)dx, sdy, sdxh, lo, hi, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_channels_moments(int kind, const void *x, ptrdiff_t n, ptrdiff_t C, double *mu,
+                                double *s2)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_channels_moments##SUF)((const S *)x, n, C, mu, s2)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_channels_scale_shift(int kind, const void *x, ptrdiff_t n, ptrdiff_t C,
+                                    const double *m, const double *a, const double *b,
+                                    void *y, int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_channels_scale_shift##SUF)((const S *)x, n, C, m, a, b, \
+        (S *)y, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_channels_dot(int kind, const void *dy, const void *x, ptrdiff_t n, ptrdiff_t C,
+                            const double *m, double *s, double *sx)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_channels_dot##SUF)((const S *)dy, (const S *)x, n, C, \
+        m, s, sx)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_channels_bwd_apply(int kind, const void *dy, const void *x, ptrdiff_t n,
+                                  ptrdiff_t C, const double *m, const double *c1,
+                                  const double *c2, const double *c3, void *dx, int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_channels_bwd_apply##SUF)((const S *)dy, (const S *)x, \
+        n, C, m, c1, c2, c3, (S *)dx, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_channels_fwd_grouped(int kind, const void *x, ptrdiff_t Q, ptrdiff_t C,
+                                    ptrdiff_t G, ptrdiff_t h, const void *w, const void *b,
+                                    double eps, void *y, void *mean, void *rstd, double *buf,
+                                    int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_channels_fwd_grouped##SUF)((const S *)x, Q, C, G, h, \
+        (const T *)w, (const T *)b, eps, (S *)y, (T *)mean, (T *)rstd, buf, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_channels_eval_coefs(int kind, const void *mean, const void *var,
+                                   const void *w, const void *b, double eps, ptrdiff_t C,
+                                   void *mh, void *ml, void *af, void *bf)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_channels_eval_coefs##SUF)((const T *)mean, \
+        (const T *)var, (const T *)w, (const T *)b, eps, C, (T *)mh, (T *)ml, (T *)af, (T *)bf)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
+
+static void fn_channels_eval_apply(int kind, const void *x, ptrdiff_t n, ptrdiff_t C,
+                                   const void *mh, const void *ml, const void *af,
+                                   const void *bf, void *y, int nts)
+{
+#define FN_CALL(SUF, S, T) FN_PICK(fn_channels_eval_apply##SUF)((const S *)x, n, C, \
+        (const T *)mh, (const T *)ml, (const T *)af, (const T *)bf, (S *)y, nts)
+    FN_BY_KIND(kind, FN_CALL);
+#undef FN_CALL
+}
 
 #endif /* FASTNORM_SIMD_H */

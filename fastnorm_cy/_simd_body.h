@@ -1,8 +1,13 @@
-/* Kernel bodies for one data type FN_T (float or double); included twice by _simd.h.
+/* Kernel bodies for one data type; included four times per instruction set by _simd_isa.h.
+ * Data (x, y, dy, dx) is stored as FN_S and computed as FN_T: float/float, double/double,
+ * and for float16 and bfloat16 uint16_t bits computed in float32 lanes, converted on every
+ * load (FN_LD1, FN_LDV, FN_LD8) and store (FN_STS, FN_STV, FN_ST8): no array is converted
+ * whole. Per-row statistics and weights are FN_T; moments and sums float64.
  * Shapes were checked by the caller (_kernels.pyx); every array is C-contiguous.
- * Names end in FN_SUF (_f32 / _f64). Twins: fastnorm/reference.py, fastnorm/_numba/.
- * FN_RESTRICT marks private partial buffers and per-channel coefficients: they never
- * overlap the data or outputs (x and y may be the same array, so those are not marked). */
+ * Names end in FN_SUF (_f32 / _f64 / _f16 / _bf16). Twins: fastnorm/reference.py,
+ * fastnorm/_numba/. FN_RESTRICT marks private partial buffers and per-channel coefficients:
+ * they never overlap the data or outputs (x and y may be the same array, so those are not
+ * marked). */
 
 /* ------------------------------------------------------------------ per-row helpers */
 
@@ -10,10 +15,54 @@
  * every add wait for the previous one (3-4 cycles per vector), which is slower than memory
  * when the block is in cache. The order of the additions depends on n only. */
 
-/* Mean and M2 of a short contiguous block: two-pass, float64 accumulation. */
-FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu, double *m2)
+/* Mean and M2 of n values at stride st, when a fast path's were not finite. Values near the
+ * dtype's largest (issue 15), all finite: the two passes again in float64 on x * 2^-e, e
+ * the exponent of max |x| (scaling by a power of two is exact), then scaled back -- the mean
+ * is then finite, and M2 too unless it is beyond float64 (only float64 data gets there).
+ * Data holding inf or NaN: NumPy's answer, mean = sum / n (inf or NaN) and M2 NaN. Never
+ * taken on finite data whose sums fit, so it costs the fast paths one test per block. */
+FN_TARGET static void FN_NAME(fn_moments_safe)(const FN_S *x, ptrdiff_t n, ptrdiff_t st,
+                                               double *mu, double *m2)
 {
-    double s = 0.0, q = 0.0, m;
+    double amax = 0.0, sc, s = 0.0, t = 0.0, q = 0.0, m;
+    ptrdiff_t i;
+    int e, bad = 0;
+    for (i = 0; i < n; i++) {
+        const double v = (double)FN_LD1(x + i * st);
+        s += v;
+        bad |= !isfinite(v);
+        amax = fabs(v) > amax ? fabs(v) : amax;
+    }
+    if (bad) { /* inf or NaN in the data */
+        *mu = s / (double)n;
+        *m2 = NAN;
+        return;
+    }
+    s = 0.0;
+    frexp(amax, &e);
+    sc = ldexp(1.0, -e);
+    for (i = 0; i < n; i++)
+        s += (double)FN_LD1(x + i * st) * sc;
+    m = s / (double)n;
+    for (i = 0; i < n; i++) { /* corrected two-pass, as fn_block_moments_lanes */
+        const double d = (double)FN_LD1(x + i * st) * sc - m;
+        t += d;
+        q += d * d;
+    }
+    q -= t * t / (double)n;
+    *mu = (m + t / (double)n) / sc;
+    *m2 = (q < 0.0 ? 0.0 : q) / sc / sc;
+}
+
+/* Mean and M2 of a short contiguous block: two-pass, float64 accumulation. For float64 data
+ * the second pass also sums d = x - m and the mean is corrected to m + sum(d)/n: a constant
+ * block's mean is then exactly that constant (its output exactly beta; issue 15) where the
+ * rounded sum of n float64 copies is not (n copies of a float32 or half value sum exactly in
+ * float64, n < 2^29, and skip it). M2 stays the sum of d*d, the bits it had. */
+FN_TARGET FN_INLINE void FN_NAME(fn_block_moments)(const FN_S *x, ptrdiff_t n, double *mu,
+                                                   double *m2)
+{
+    double s = 0.0, q = 0.0, t = 0.0, m;
     ptrdiff_t i = 0;
 #if FN_VEC
     FN_VD a0 = FN_SPLAT(0), a1 = a0, a2 = a0, a3 = a0, mv;
@@ -27,14 +76,15 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
     s = FN_HSUM(double, FN_LD, a0);
 #endif
     for (; i < n; i++)
-        s += (double)x[i];
+        s += (double)FN_LD1(x + i);
     m = s / (double)n;
     i = 0;
 #if FN_VEC
     mv = FN_SPLAT(m);
     a0 = a1 = a2 = a3 = FN_SPLAT(0);
+#if FN_EXACT_SUMS
     for (; i + 4 * FN_LD <= n; i += 4 * FN_LD) {
-        FN_PREFETCH(x + n + i, 4 * FN_LD * sizeof(FN_T));
+        FN_PREFETCH(x + n + i, 4 * FN_LD * sizeof(FN_S));
         const FN_VD d0 = FN_LD8(x + i) - mv, d1 = FN_LD8(x + i + FN_LD) - mv;
         const FN_VD d2 = FN_LD8(x + i + 2 * FN_LD) - mv, d3 = FN_LD8(x + i + 3 * FN_LD) - mv;
         a0 += d0 * d0;
@@ -42,21 +92,42 @@ FN_INLINE void FN_NAME(fn_block_moments)(const FN_T *x, ptrdiff_t n, double *mu,
         a2 += d2 * d2;
         a3 += d3 * d3;
     }
+#else
+    FN_VD b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (; i + 4 * FN_LD <= n; i += 4 * FN_LD) {
+        FN_PREFETCH(x + n + i, 4 * FN_LD * sizeof(FN_S));
+        const FN_VD d0 = FN_LD8(x + i) - mv, d1 = FN_LD8(x + i + FN_LD) - mv;
+        const FN_VD d2 = FN_LD8(x + i + 2 * FN_LD) - mv, d3 = FN_LD8(x + i + 3 * FN_LD) - mv;
+        a0 += d0 * d0;
+        a1 += d1 * d1;
+        a2 += d2 * d2;
+        a3 += d3 * d3;
+        b0 += d0;
+        b1 += d1;
+        b2 += d2;
+        b3 += d3;
+    }
+    b0 = (b0 + b1) + (b2 + b3);
+    t = FN_HSUM(double, FN_LD, b0);
+#endif
     a0 = (a0 + a1) + (a2 + a3);
     q = FN_HSUM(double, FN_LD, a0);
 #endif
     for (; i < n; i++) {
-        double d = (double)x[i] - m;
+        double d = (double)FN_LD1(x + i) - m;
         q += d * d;
+        t += d;
     }
-    *mu = m;
+    *mu = FN_EXACT_SUMS ? m : m + t / (double)n;
     *m2 = q;
+    if (!FN_EXACT_SUMS && !(isfinite(*mu) && isfinite(q))) /* float64 beyond ~1e154 */
+        FN_NAME(fn_moments_safe)(x, n, 1, mu, m2);
 }
 
 /* s = sum(dy), t = sum(dy * (x - m)) over n contiguous values, float64 accumulation in two
  * independent vector accumulators per sum (rows_dot, rows_bwd_grouped) */
-FN_INLINE void FN_NAME(fn_dot_centered)(const FN_T *dy, const FN_T *x, ptrdiff_t n, double m,
-                                        double *s, double *t)
+FN_TARGET FN_INLINE void FN_NAME(fn_dot_centered)(const FN_S *dy, const FN_S *x, ptrdiff_t n,
+                                                  double m, double *s, double *t)
 {
     double a = 0.0, b = 0.0;
     ptrdiff_t i = 0;
@@ -75,9 +146,9 @@ FN_INLINE void FN_NAME(fn_dot_centered)(const FN_T *dy, const FN_T *x, ptrdiff_t
     b = FN_HSUM(double, FN_LD, b0);
 #endif
     for (; i < n; i++) {
-        const double d = (double)dy[i];
+        const double d = (double)FN_LD1(dy + i);
         a += d;
-        b += d * ((double)x[i] - m);
+        b += d * ((double)FN_LD1(x + i) - m);
     }
     *s = a;
     *t = b;
@@ -89,20 +160,20 @@ FN_INLINE void FN_NAME(fn_dot_centered)(const FN_T *dy, const FN_T *x, ptrdiff_t
  * norm): pilot mean, then sums of d = x - pilot and d*d, corrected (Chan, Golub & LeVeque).
  * The float accumulators only hold deviations, so twice the SIMD width of double costs
  * ~1e-7 relative; the same arithmetic as fastnorm/_numba/_jit.py block_moments. */
-FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_T *x, ptrdiff_t n, double *mu,
-                                               double *m2)
+FN_TARGET FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_S *x, ptrdiff_t n, double *mu,
+                                                         double *m2)
 {
     FN_T s = 0, s1 = 0, s2 = 0, pilot;
     double q;
     ptrdiff_t i;
 #pragma omp simd reduction(+:s)
     for (i = 0; i < n; i++)
-        s += x[i];
+        s += FN_LD1(x + i);
     pilot = (FN_T)((double)s / (double)n);
-    FN_PREFETCH(x + n, n * sizeof(FN_T)); /* the next block (row), while this one is in L1 */
+    FN_PREFETCH(x + n, n * sizeof(FN_S)); /* the next block (row), while this one is in L1 */
 #pragma omp simd reduction(+:s1, s2)
     for (i = 0; i < n; i++) {
-        const FN_T d = x[i] - pilot;
+        const FN_T d = FN_LD1(x + i) - pilot;
         s1 += d;
         s2 += d * d;
     }
@@ -110,14 +181,16 @@ FN_INLINE void FN_NAME(fn_block_moments_lanes)(const FN_T *x, ptrdiff_t n, doubl
     *mu = isfinite(pilot) ? (double)pilot + (double)s1 / (double)n : (double)pilot;
     q = (double)s2 - (double)s1 * (double)s1 / (double)n;
     *m2 = q < 0.0 ? 0.0 : q; /* clamp, but let NaN through */
+    if (!(isfinite(*mu) && isfinite(*m2))) /* FN_T sums overflowed, or inf/NaN data */
+        FN_NAME(fn_moments_safe)(x, n, 1, mu, m2);
 }
 
 /* fn_block_moments_lanes for a block of 256 or more (a layer-norm or group-norm row): four
  * vector accumulators in the first pass and two pairs in the second, which keep the adds
  * independent (rows_fwd on 512x768 float32 in cache: 0.82-0.89x the time of the one-chain
  * version); shorter blocks keep the short set-up. Same arithmetic. */
-FN_INLINE void FN_NAME(fn_block_moments_lanes_long)(const FN_T *x, ptrdiff_t n, double *mu,
-                                                    double *m2)
+FN_TARGET FN_INLINE void FN_NAME(fn_block_moments_lanes_long)(const FN_S *x, ptrdiff_t n,
+                                                              double *mu, double *m2)
 {
     FN_T s = 0, s1 = 0, s2 = 0, pilot;
     double q;
@@ -135,14 +208,14 @@ FN_INLINE void FN_NAME(fn_block_moments_lanes_long)(const FN_T *x, ptrdiff_t n, 
     s = FN_HSUM(FN_T, FN_VN, a0);
 #endif
     for (; i < n; i++)
-        s += x[i];
+        s += FN_LD1(x + i);
     pilot = (FN_T)((double)s / (double)n);
     i = 0;
 #if FN_VEC
     pv = zero + pilot;
     a0 = a1 = b0 = b1 = zero;
     for (; i + 2 * FN_VN <= n; i += 2 * FN_VN) {
-        FN_PREFETCH(x + n + i, 2 * FN_VN * sizeof(FN_T)); /* the next block, as above */
+        FN_PREFETCH(x + n + i, 2 * FN_VN * sizeof(FN_S)); /* the next block, as above */
         const FN_VT d0 = FN_LDV(x + i) - pv, d1 = FN_LDV(x + i + FN_VN) - pv;
         a0 += d0;
         a1 += d1;
@@ -155,25 +228,29 @@ FN_INLINE void FN_NAME(fn_block_moments_lanes_long)(const FN_T *x, ptrdiff_t n, 
     s2 = FN_HSUM(FN_T, FN_VN, b0);
 #endif
     for (; i < n; i++) {
-        const FN_T d = x[i] - pilot;
+        const FN_T d = FN_LD1(x + i) - pilot;
         s1 += d;
         s2 += d * d;
     }
     *mu = isfinite(pilot) ? (double)pilot + (double)s1 / (double)n : (double)pilot;
     q = (double)s2 - (double)s1 * (double)s1 / (double)n;
     *m2 = q < 0.0 ? 0.0 : q; /* clamp, but let NaN through */
+    if (!(isfinite(*mu) && isfinite(*m2))) /* FN_T sums overflowed, or inf/NaN data */
+        FN_NAME(fn_moments_safe)(x, n, 1, mu, m2);
 }
 
 /* Mean and M2 of a contiguous row: blocks of FN_BLOCK merged left to right (Chan); each
- * block in FN_T lanes (``lanes``: a row held in cache) or with float64 accumulation. */
-FN_INLINE void FN_NAME(fn_row_moments)(const FN_T *x, ptrdiff_t n, int lanes, double *mu,
-                                       double *m2)
+ * block in FN_T lanes (``lanes``: a row held in cache) or with float64 accumulation. Half
+ * precision always takes the explicit vectors of the long form (the short form's omp simd
+ * loops would convert element by element). */
+FN_TARGET FN_INLINE void FN_NAME(fn_row_moments)(const FN_S *x, ptrdiff_t n, int lanes, double *mu,
+                                                 double *m2)
 {
     double cnt = 0.0, mean = 0.0, s2 = 0.0, mb, m2b;
     ptrdiff_t lo, nb;
     for (lo = 0; lo < n || lo == 0; lo += FN_BLOCK) {
         nb = n - lo < FN_BLOCK ? n - lo : FN_BLOCK;
-        if (lanes && nb >= 256)
+        if (lanes && (nb >= 256 || FN_HALF))
             FN_NAME(fn_block_moments_lanes_long)(x + lo, nb, &mb, &m2b);
         else if (lanes)
             FN_NAME(fn_block_moments_lanes)(x + lo, nb, &mb, &m2b);
@@ -194,14 +271,39 @@ FN_INLINE void FN_NAME(fn_row_moments)(const FN_T *x, ptrdiff_t n, int lanes, do
  * one write of y), so the arithmetic runs in FN_T lanes: the mean split as hi + lo,
  * y = ((x - hi) - lo) * (rstd * w) + b, as fastnorm/_numba/rows.py.
  * IN x (R, M), w/b (M,) or NULL, eps, rms   OUT y (R, M), mean/rstd (R,) */
-FN_TARGET static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_T *w,
-                                           const FN_T *b, double eps, int rms, FN_T *y,
+/* Sum of squares of n contiguous values in float64, scaled by a power of two as
+ * fn_moments_safe: RMS norm's fallback when the FN_T lanes overflowed. */
+FN_TARGET static double FN_NAME(fn_sumsq_safe)(const FN_S *x, ptrdiff_t n)
+{
+    double amax = 0.0, sc, q = 0.0;
+    ptrdiff_t i;
+    int e;
+    for (i = 0; i < n; i++) {
+        const double v = fabs((double)FN_LD1(x + i));
+        amax = v > amax ? v : amax;
+    }
+    if (!isfinite(amax)) { /* inf or NaN in the row: the plain sum (inf or NaN) */
+        for (i = 0; i < n; i++)
+            q += (double)FN_LD1(x + i) * (double)FN_LD1(x + i);
+        return q;
+    }
+    frexp(amax, &e);
+    sc = ldexp(1.0, -e);
+    for (i = 0; i < n; i++) {
+        const double v = (double)FN_LD1(x + i) * sc;
+        q += v * v;
+    }
+    return q / sc / sc;
+}
+
+FN_TARGET static void FN_NAME(fn_rows_fwd)(const FN_S *x, ptrdiff_t M, const FN_T *w,
+                                           const FN_T *b, double eps, int rms, FN_S *y,
                                            FN_T *mean, FN_T *rstd, ptrdiff_t lo, ptrdiff_t hi)
 {
     ptrdiff_t r, i;
     for (r = lo; r < hi; r++) {
-        const FN_T *xr = x + r * M;
-        FN_T *yr = y + r * M;
+        const FN_S *xr = x + r * M;
+        FN_S *yr = y + r * M;
         double mu, var, rs64;
         FN_T mhi, mlo, rs;
         if (rms) {
@@ -215,7 +317,7 @@ FN_TARGET static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
                     const FN_VT v0 = FN_LDV(xr + i), v1 = FN_LDV(xr + i + FN_VN);
                     const FN_VT v2 = FN_LDV(xr + i + 2 * FN_VN);
                     const FN_VT v3 = FN_LDV(xr + i + 3 * FN_VN);
-                    FN_PREFETCH(xr + M + i, 4 * FN_VN * sizeof(FN_T));
+                    FN_PREFETCH(xr + M + i, 4 * FN_VN * sizeof(FN_S));
                     a0 += v0 * v0;
                     a1 += v1 * v1;
                     a2 += v2 * v2;
@@ -227,18 +329,48 @@ FN_TARGET static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
 #endif
             double st = 0.0; /* the rest (the whole row without vectors) in float64 */
             for (; i < M; i++)
-                st += (double)xr[i] * (double)xr[i];
+                st += (double)FN_LD1(xr + i) * (double)FN_LD1(xr + i);
             mu = 0.0;
             var = ((double)ss + st) / (double)M;
+            if (!isfinite(var)) /* the FN_T squares overflowed (|x| > ~1.8e19 in float32) */
+                var = FN_NAME(fn_sumsq_safe)(xr, M) / (double)M;
         } else {
             double m2;
             FN_NAME(fn_row_moments)(xr, M, 1, &mu, &m2);
             var = m2 / (double)M;
         }
         rs64 = 1.0 / sqrt(var + eps);
+        if (!rms && sqrt(var * (double)M) > FN_T_BIG) {
+            /* |x - mean| <= sqrt(M2) may pass FN_T's range (data spanning float32's):
+             * this row in float64, element by element (never on data of a sane range) */
+            for (i = 0; i < M; i++)
+                yr[i] = FN_STS(((double)FN_LD1(xr + i) - mu) * rs64 * (w ? (double)w[i] : 1.0)
+                               + (b ? (double)b[i] : 0.0));
+            mean[r] = (FN_T)mu;
+            rstd[r] = (FN_T)rs64;
+            continue;
+        }
         mhi = (FN_T)mu;
         mlo = (FN_T)(mu - (double)mhi);
         rs = (FN_T)rs64;
+#if FN_HALF /* explicit vectors: omp simd would convert element by element */
+        if (w == NULL && b == NULL)
+            FN_APPLYV(i, M, yr, ((FN_LDV(xr + i) - FN_SPLATV(mhi)) - FN_SPLATV(mlo))
+                                * FN_SPLATV(rs),
+                      ((FN_LD1(xr + i) - mhi) - mlo) * rs, 0);
+        else if (w == NULL)
+            FN_APPLYV(i, M, yr, ((FN_LDV(xr + i) - FN_SPLATV(mhi)) - FN_SPLATV(mlo))
+                                * FN_SPLATV(rs) + FN_LDT(b + i),
+                      ((FN_LD1(xr + i) - mhi) - mlo) * rs + b[i], 0);
+        else if (b == NULL)
+            FN_APPLYV(i, M, yr, ((FN_LDV(xr + i) - FN_SPLATV(mhi)) - FN_SPLATV(mlo))
+                                * (FN_SPLATV(rs) * FN_LDT(w + i)),
+                      ((FN_LD1(xr + i) - mhi) - mlo) * (rs * w[i]), 0);
+        else
+            FN_APPLYV(i, M, yr, ((FN_LDV(xr + i) - FN_SPLATV(mhi)) - FN_SPLATV(mlo))
+                                * (FN_SPLATV(rs) * FN_LDT(w + i)) + FN_LDT(b + i),
+                      ((FN_LD1(xr + i) - mhi) - mlo) * (rs * w[i]) + b[i], 0);
+#else
         if (w == NULL && b == NULL) {
 #pragma omp simd
             for (i = 0; i < M; i++)
@@ -256,6 +388,7 @@ FN_TARGET static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
             for (i = 0; i < M; i++)
                 yr[i] = ((xr[i] - mhi) - mlo) * (rs * w[i]) + b[i];
         }
+#endif
         mean[r] = (FN_T)mu;
         rstd[r] = (FN_T)rs64;
     }
@@ -265,16 +398,16 @@ FN_TARGET static void FN_NAME(fn_rows_fwd)(const FN_T *x, ptrdiff_t M, const FN_
  * (sample, group) read from memory once, statistics and apply in FN_T lanes (as
  * fastnorm/_numba); channel k of row r scaled by w[(r % G) * K + k].
  * IN x (R, K, S), w/b (G, K) or NULL, eps   OUT y (R, K, S), mean/rstd (R,) */
-FN_TARGET static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, ptrdiff_t S,
+FN_TARGET static void FN_NAME(fn_rows_fwd_grouped)(const FN_S *x, ptrdiff_t K, ptrdiff_t S,
                                                    ptrdiff_t G, const FN_T *w, const FN_T *b,
-                                                   double eps, FN_T *y, FN_T *mean,
+                                                   double eps, FN_S *y, FN_T *mean,
                                                    FN_T *rstd, ptrdiff_t lo, ptrdiff_t hi,
                                                    int nts)
 {
     ptrdiff_t r, k, i, M = K * S;
     for (r = lo; r < hi; r++) {
-        const FN_T *xr = x + r * M;
-        FN_T *yr = y + r * M;
+        const FN_S *xr = x + r * M;
+        FN_S *yr = y + r * M;
         const ptrdiff_t g = r % G;
         double mu, m2, var, rs;
         FN_NAME(fn_row_moments)(xr, M, 1, &mu, &m2); /* row in cache: FN_T lanes */
@@ -283,14 +416,20 @@ FN_TARGET static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
             var = 0.0;
         rs = 1.0 / sqrt(var + eps);
         const FN_T mh = (FN_T)mu, ml = (FN_T)(mu - (double)mh);
-        for (k = 0; k < K; k++) {
-            const FN_T *xs = xr + k * S;
-            FN_T *ys = yr + k * S;
+        const int wide = sqrt(var * (double)M) > FN_T_BIG; /* as in fn_rows_fwd */
+        for (k = 0; wide && k < K; k++) {
+            const double a = w ? rs * (double)w[g * K + k] : rs, c = b ? b[g * K + k] : 0.0;
+            for (i = 0; i < S; i++)
+                yr[k * S + i] = FN_STS(((double)FN_LD1(xr + k * S + i) - mu) * a + c);
+        }
+        for (k = 0; !wide && k < K; k++) {
+            const FN_S *xs = xr + k * S;
+            FN_S *ys = yr + k * S;
             const FN_T a = (FN_T)(w ? rs * (double)w[g * K + k] : rs);
             const FN_T c = b ? b[g * K + k] : (FN_T)0;
             FN_APPLYV(i, S, ys, ((FN_LDV(xs + i) - FN_SPLATV(mh)) - FN_SPLATV(ml))
                                 * FN_SPLATV(a) + FN_SPLATV(c),
-                      ((xs[i] - mh) - ml) * a + c, nts);
+                      ((FN_LD1(xs + i) - mh) - ml) * a + c, nts);
         }
         mean[r] = (FN_T)mu;
         rstd[r] = (FN_T)rs;
@@ -305,22 +444,23 @@ FN_TARGET static void FN_NAME(fn_rows_fwd_grouped)(const FN_T *x, ptrdiff_t K, p
  * IN dy, x (R, M), mean/rstd (R,), w (M,) or NULL, rms
  * OUT dx (R, M); dwb/dbb (M,) float64 or NULL, zeroed by the caller */
 /* dx of one row from its sums: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) */
-FN_INLINE void FN_NAME(fn_rows_bwd_dx)(const FN_T *dyr, const FN_T *xr, const FN_T *w,
-                                       FN_T mu, FN_T rs, FN_T mg, FN_T mgx, ptrdiff_t M,
-                                       FN_T *dxr, int nts)
+FN_TARGET FN_INLINE void FN_NAME(fn_rows_bwd_dx)(const FN_S *dyr, const FN_S *xr, const FN_T *w,
+                                                 FN_T mu, FN_T rs, FN_T mg, FN_T mgx, ptrdiff_t M,
+                                                 FN_S *dxr, int nts)
 {
     ptrdiff_t i;
     if (w == NULL)
         FN_APPLYV(i, M, dxr, FN_SPLATV(rs) * ((FN_LDV(dyr + i) - FN_SPLATV(mg))
                                               - ((FN_LDV(xr + i) - FN_SPLATV(mu))
                                                  * FN_SPLATV(rs)) * FN_SPLATV(mgx)),
-                  rs * ((dyr[i] - mg) - ((xr[i] - mu) * rs) * mgx), nts);
+                  rs * ((FN_LD1(dyr + i) - mg) - ((FN_LD1(xr + i) - mu) * rs) * mgx), nts);
     else
-        FN_APPLYV(i, M, dxr, FN_SPLATV(rs) * ((FN_LDV(dyr + i) * FN_LDV(w + i)
+        FN_APPLYV(i, M, dxr, FN_SPLATV(rs) * ((FN_LDV(dyr + i) * FN_LDT(w + i)
                                                - FN_SPLATV(mg))
                                               - ((FN_LDV(xr + i) - FN_SPLATV(mu))
                                                  * FN_SPLATV(rs)) * FN_SPLATV(mgx)),
-                  rs * ((dyr[i] * w[i] - mg) - ((xr[i] - mu) * rs) * mgx), nts);
+                  rs * ((FN_LD1(dyr + i) * w[i] - mg) - ((FN_LD1(xr + i) - mu) * rs) * mgx),
+                  nts);
 }
 
 /* rows [r, r + nr) of rows_bwd, nr <= FN_BWD_ROWS: one pass over them (in cache for the
@@ -328,13 +468,14 @@ FN_INLINE void FN_NAME(fn_rows_bwd_dx)(const FN_T *dyr, const FN_T *xr, const FN
  * fastnorm/_numba, and adds their share of the weight/bias gradients to the float64 partials
  * at once (the partials are read and written once per group of rows instead of once per
  * row), while prefetching the next group; then dx row by row from cache. */
-FN_INLINE void FN_NAME(fn_rows_bwd_group)(const FN_T *dy, const FN_T *x, const FN_T *mean,
-                                          const FN_T *rstd, const FN_T *w, int rms,
-                                          ptrdiff_t M, FN_T *dx, double *FN_RESTRICT dwb,
-                                          double *FN_RESTRICT dbb, ptrdiff_t r, int nr,
-                                          int nts)
+FN_TARGET FN_INLINE void FN_NAME(fn_rows_bwd_group)(const FN_S *dy, const FN_S *x,
+                                                    const FN_T *mean, const FN_T *rstd,
+                                                    const FN_T *w, int rms, ptrdiff_t M, FN_S *dx,
+                                                    double *FN_RESTRICT dwb,
+                                                    double *FN_RESTRICT dbb, ptrdiff_t r, int nr,
+                                                    int nts)
 {
-    const FN_T *xr[FN_BWD_ROWS], *dyr[FN_BWD_ROWS];
+    const FN_S *xr[FN_BWD_ROWS], *dyr[FN_BWD_ROWS];
     FN_T mu[FN_BWD_ROWS], rs[FN_BWD_ROWS], sg[FN_BWD_ROWS], sgx[FN_BWD_ROWS];
     ptrdiff_t i = 0;
     int k;
@@ -356,11 +497,11 @@ FN_INLINE void FN_NAME(fn_rows_bwd_group)(const FN_T *dy, const FN_T *x, const F
         }
         for (; i + FN_VN <= M; i += FN_VN) {
             FN_VT d[FN_BWD_ROWS], h[FN_BWD_ROWS], pdh = zero, pd = zero;
-            const FN_VT wv = w ? FN_LDV(w + i) : zero;
+            const FN_VT wv = w ? FN_LDT(w + i) : zero;
 #pragma GCC unroll 4
             for (k = 0; k < nr; k++) {
-                FN_PREFETCH(dyr[k] + nr * M + i, FN_VN * sizeof(FN_T));
-                FN_PREFETCH(xr[k] + nr * M + i, FN_VN * sizeof(FN_T));
+                FN_PREFETCH(dyr[k] + nr * M + i, FN_VN * sizeof(FN_S));
+                FN_PREFETCH(xr[k] + nr * M + i, FN_VN * sizeof(FN_S));
                 d[k] = FN_LDV(dyr[k] + i);
                 h[k] = (FN_LDV(xr[k] + i) - muv[k]) * rsv[k];
                 const FN_VT g = w ? d[k] * wv : d[k];
@@ -383,7 +524,7 @@ FN_INLINE void FN_NAME(fn_rows_bwd_group)(const FN_T *dy, const FN_T *x, const F
     for (; i < M; i++) {
         FN_T pd = 0, pdh = 0;
         for (k = 0; k < nr; k++) {
-            const FN_T d = dyr[k][i], h = (xr[k][i] - mu[k]) * rs[k];
+            const FN_T d = FN_LD1(dyr[k] + i), h = (FN_LD1(xr[k] + i) - mu[k]) * rs[k];
             const FN_T g = w ? d * w[i] : d;
             sg[k] += g;
             sgx[k] += g * h;
@@ -401,24 +542,73 @@ FN_INLINE void FN_NAME(fn_rows_bwd_group)(const FN_T *dy, const FN_T *x, const F
                                 (FN_T)((double)sgx[k] / (double)M), M, dx + (r + k) * M, nts);
 }
 
-FN_TARGET static void FN_NAME(fn_rows_bwd)(const FN_T *dy, const FN_T *x, const FN_T *mean,
+/* One row of rows_bwd in float64, element by element: a row whose |x - mean| may pass
+ * FN_T's range (see fn_rows_bwd); never taken on data of a sane range. */
+FN_TARGET static void FN_NAME(fn_rows_bwd_wide)(const FN_S *dyr, const FN_S *xr, double mu,
+                                                double rs, const FN_T *w, int rms,
+                                                ptrdiff_t M, FN_S *dxr,
+                                                double *FN_RESTRICT dwb,
+                                                double *FN_RESTRICT dbb)
+{
+    double sg = 0.0, sgx = 0.0, mg, mgx;
+    ptrdiff_t i;
+    for (i = 0; i < M; i++) {
+        const double d = (double)FN_LD1(dyr + i), h = ((double)FN_LD1(xr + i) - mu) * rs;
+        const double g = w ? d * (double)w[i] : d;
+        sg += g;
+        sgx += g * h;
+        if (dwb != NULL)
+            dwb[i] += d * h;
+        if (dbb != NULL)
+            dbb[i] += d;
+    }
+    mg = rms ? 0.0 : sg / (double)M;
+    mgx = sgx / (double)M;
+    for (i = 0; i < M; i++) {
+        const double d = (double)FN_LD1(dyr + i), h = ((double)FN_LD1(xr + i) - mu) * rs;
+        dxr[i] = FN_STS(rs * (((w ? d * (double)w[i] : d) - mg) - h * mgx));
+    }
+}
+
+FN_TARGET static void FN_NAME(fn_rows_bwd)(const FN_S *dy, const FN_S *x, const FN_T *mean,
                                            const FN_T *rstd, const FN_T *w, int rms,
-                                           ptrdiff_t M, FN_T *dx, double *FN_RESTRICT dwb,
+                                           ptrdiff_t M, FN_S *dx, double *FN_RESTRICT dwb,
                                            double *FN_RESTRICT dbb,
                                            ptrdiff_t lo, ptrdiff_t hi, int nts)
 {
-    ptrdiff_t r = lo;
-    for (; r + FN_BWD_ROWS <= hi; r += FN_BWD_ROWS) /* nr a constant: the k loops unroll */
-        FN_NAME(fn_rows_bwd_group)(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, r,
-                                   FN_BWD_ROWS, nts);
+    /* |x - mean| <= sqrt(M) * std < sqrt(M) / rstd: past FN_T_BIG, x - mean may overflow
+     * FN_T (data spanning float32's range); such rows go through fn_rows_bwd_wide */
+    const double big = FN_T_BIG / sqrt((double)M);
+    ptrdiff_t r = lo, k;
+    for (; r + FN_BWD_ROWS <= hi; r += FN_BWD_ROWS) { /* nr a constant: the k loops unroll */
+        int wide = 0;
+        for (k = 0; k < FN_BWD_ROWS; k++)
+            wide |= (double)rstd[r + k] * big < 1.0;
+        if (!wide) {
+            FN_NAME(fn_rows_bwd_group)(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, r,
+                                       FN_BWD_ROWS, nts);
+            continue;
+        }
+        for (k = 0; k < FN_BWD_ROWS; k++)
+            if ((double)rstd[r + k] * big < 1.0)
+                FN_NAME(fn_rows_bwd_wide)(dy + (r + k) * M, x + (r + k) * M, mean[r + k],
+                                          rstd[r + k], w, rms, M, dx + (r + k) * M, dwb, dbb);
+            else
+                FN_NAME(fn_rows_bwd_group)(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, r + k,
+                                           1, nts);
+    }
     for (; r < hi; r++) /* the last rows of the range, one at a time */
-        FN_NAME(fn_rows_bwd_group)(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, r, 1, nts);
+        if ((double)rstd[r] * big < 1.0)
+            FN_NAME(fn_rows_bwd_wide)(dy + r * M, x + r * M, mean[r], rstd[r], w, rms, M,
+                                      dx + r * M, dwb, dbb);
+        else
+            FN_NAME(fn_rows_bwd_group)(dy, x, mean, rstd, w, rms, M, dx, dwb, dbb, r, 1, nts);
     if (nts)
         FN_SFENCE();
 }
 
 /* rows_moments on rows [lo, hi).   IN x (R, M)   OUT mean, m2 (R,) float64 */
-FN_TARGET static void FN_NAME(fn_rows_moments)(const FN_T *x, ptrdiff_t M, double *mean,
+FN_TARGET static void FN_NAME(fn_rows_moments)(const FN_S *x, ptrdiff_t M, double *mean,
                                                double *m2, ptrdiff_t lo, ptrdiff_t hi)
 {
     ptrdiff_t r;
@@ -428,20 +618,20 @@ FN_TARGET static void FN_NAME(fn_rows_moments)(const FN_T *x, ptrdiff_t M, doubl
 
 /* rows_scale_shift on rows [lo, hi).
  * IN x (R, M), mean/alpha/beta (R,) float64   OUT y = (x - mean) * alpha + beta */
-FN_TARGET static void FN_NAME(fn_rows_scale_shift)(const FN_T *x, ptrdiff_t M,
+FN_TARGET static void FN_NAME(fn_rows_scale_shift)(const FN_S *x, ptrdiff_t M,
                                                    const double *mean, const double *alpha,
-                                                   const double *beta, FN_T *y,
+                                                   const double *beta, FN_S *y,
                                                    ptrdiff_t lo, ptrdiff_t hi, int nts)
 {
     ptrdiff_t r, i;
     for (r = lo; r < hi; r++) {
-        const FN_T *xr = x + r * M;
-        FN_T *yr = y + r * M;
+        const FN_S *xr = x + r * M;
+        FN_S *yr = y + r * M;
         const FN_T mh = (FN_T)mean[r], ml = (FN_T)(mean[r] - (double)mh);
         const FN_T a = (FN_T)alpha[r], b = (FN_T)beta[r];
         FN_APPLYV(i, M, yr, ((FN_LDV(xr + i) - FN_SPLATV(mh)) - FN_SPLATV(ml)) * FN_SPLATV(a)
                             + FN_SPLATV(b),
-                  ((xr[i] - mh) - ml) * a + b, nts);
+                  ((FN_LD1(xr + i) - mh) - ml) * a + b, nts);
     }
     if (nts)
         FN_SFENCE();
@@ -449,33 +639,33 @@ FN_TARGET static void FN_NAME(fn_rows_scale_shift)(const FN_T *x, ptrdiff_t M,
 
 /* rows_dot on rows [lo, hi).
  * IN dy, x (R, M), mean (R,) float64   OUT sum_dy, sum_dyxc (R,) float64 */
-FN_TARGET static void FN_NAME(fn_rows_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
+FN_TARGET static void FN_NAME(fn_rows_dot)(const FN_S *dy, const FN_S *x, ptrdiff_t M,
                                            const double *mean, double *sum_dy,
                                            double *sum_dyxc, ptrdiff_t lo, ptrdiff_t hi)
 {
     ptrdiff_t r;
     for (r = lo; r < hi; r++) {
-        const FN_T *xr = x + r * M, *dyr = dy + r * M;
+        const FN_S *xr = x + r * M, *dyr = dy + r * M;
         FN_NAME(fn_dot_centered)(dyr, xr, M, mean[r], sum_dy + r, sum_dyxc + r);
     }
 }
 
 /* rows_bwd_apply on rows [lo, hi).
  * IN dy, x (R, M), mean/c1/c2/c3 (R,) float64   OUT dx = c1*dy + c2*(x - mean) + c3 */
-FN_TARGET static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, ptrdiff_t M,
+FN_TARGET static void FN_NAME(fn_rows_bwd_apply)(const FN_S *dy, const FN_S *x, ptrdiff_t M,
                                                  const double *mean, const double *c1,
                                                  const double *c2, const double *c3,
-                                                 FN_T *dx, ptrdiff_t lo, ptrdiff_t hi,
+                                                 FN_S *dx, ptrdiff_t lo, ptrdiff_t hi,
                                                  int nts)
 {
     ptrdiff_t r, i;
     for (r = lo; r < hi; r++) {
-        const FN_T *xr = x + r * M, *dyr = dy + r * M;
-        FN_T *dxr = dx + r * M;
+        const FN_S *xr = x + r * M, *dyr = dy + r * M;
+        FN_S *dxr = dx + r * M;
         double m = mean[r], a = c1[r], b = c2[r], c = c3[r];
         FN_APPLY(i, M, dxr, FN_SPLAT(a) * FN_LD8(dyr + i)
                             + FN_SPLAT(b) * (FN_LD8(xr + i) - FN_SPLAT(m)) + FN_SPLAT(c),
-                 a * (double)dyr[i] + b * ((double)xr[i] - m) + c, nts);
+                 a * (double)FN_LD1(dyr + i) + b * ((double)FN_LD1(xr + i) - m) + c, nts);
     }
     if (nts)
         FN_SFENCE();
@@ -487,10 +677,10 @@ FN_TARGET static void FN_NAME(fn_rows_bwd_apply)(const FN_T *dy, const FN_T *x, 
  * + c3 in float64 lanes as fn_rows_bwd_apply, as fastnorm/_numba/rows.py.
  * IN dy, x (R, K, S), mean/rstd (R,) float64, w (G, K) float64 or NULL
  * OUT dx (R, K, S); sdy, sdxh (R, K) float64: per segment sums of dy and dy * xhat */
-FN_TARGET static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x,
+FN_TARGET static void FN_NAME(fn_rows_bwd_grouped)(const FN_S *dy, const FN_S *x,
                                                    ptrdiff_t K, ptrdiff_t S, ptrdiff_t G,
                                                    const double *mean, const double *rstd,
-                                                   const double *w, FN_T *dx, double *sdy,
+                                                   const double *w, FN_S *dx, double *sdy,
                                                    double *sdxh, ptrdiff_t lo, ptrdiff_t hi,
                                                    int nts)
 {
@@ -500,7 +690,7 @@ FN_TARGET static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x
         const ptrdiff_t g = r % G;
         double sg = 0.0, sgx = 0.0, c2, c3;
         for (k = 0; k < K; k++) {
-            const FN_T *xs = x + r * M + k * S, *dys = dy + r * M + k * S;
+            const FN_S *xs = x + r * M + k * S, *dys = dy + r * M + k * S;
             double s, t;
             const double wk = w ? w[g * K + k] : 1.0;
             FN_NAME(fn_dot_centered)(dys, xs, S, mu, &s, &t);
@@ -518,16 +708,17 @@ FN_TARGET static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x
             /* from cache, 256 elements at a time, each chunk fetching the next row's */
             for (i0 = 0; i0 < S; i0 += 256) {
                 const ptrdiff_t n = S - i0 < 256 ? S - i0 : 256, o = r * M + k * S + i0;
-                const FN_T *xs = x + o, *dys = dy + o;
-                FN_T *dxs = dx + o;
+                const FN_S *xs = x + o, *dys = dy + o;
+                FN_S *dxs = dx + o;
                 if (r + 1 < hi) {
-                    FN_PREFETCH(xs + M, n * sizeof(FN_T));
-                    FN_PREFETCH(dys + M, n * sizeof(FN_T));
+                    FN_PREFETCH(xs + M, n * sizeof(FN_S));
+                    FN_PREFETCH(dys + M, n * sizeof(FN_S));
                 }
                 FN_APPLY(i, n, dxs, FN_SPLAT(c1) * FN_LD8(dys + i)
                                     + FN_SPLAT(c2) * (FN_LD8(xs + i) - FN_SPLAT(mu))
                                     + FN_SPLAT(c3),
-                         c1 * (double)dys[i] + c2 * ((double)xs[i] - mu) + c3, nts);
+                         c1 * (double)FN_LD1(dys + i) + c2 * ((double)FN_LD1(xs + i) - mu)
+                         + c3, nts);
             }
         }
     }
@@ -557,17 +748,27 @@ FN_TARGET static void FN_NAME(fn_rows_bwd_grouped)(const FN_T *dy, const FN_T *x
     } while (0)
 
 /* IN x block (n, C)   OUT mu, s2 (C,) float64: the block's mean and M2 per column, two
- * passes (the block is in L1 for the second), float64 accumulation */
-FN_TARGET static void FN_NAME(fn_channels_moments)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
-                                                   double *FN_RESTRICT mu, double *FN_RESTRICT s2)
+ * passes (the block is in L1 for the second), float64 accumulation; for float64 data the
+ * mean corrected by the second pass's sum of deviations (a constant column's mean exact, as
+ * fn_block_moments) and, where its sums overflowed, recomputed scaled (fn_moments_safe) */
+FN_TARGET static void FN_NAME(fn_channels_moments)(const FN_S *x, ptrdiff_t n, ptrdiff_t C,
+                                                   double *FN_RESTRICT mu,
+                                                   double *FN_RESTRICT s2)
 {
     ptrdiff_t q, c, c0 = 0;
 #if FN_VEC
+#if FN_EXACT_SUMS /* t_: the sums of deviations, for float64 data only */
+#define FN_MOM_T(j, d) ((void)0)
+#define FN_MOM_MEAN(j) m_[j]
+#else
+#define FN_MOM_T(j, d) (t_[j] += (d))
+#define FN_MOM_MEAN(j) (m_[j] + t_[j] / FN_SPLAT(n))
+#endif
 #define FN_MOM(W) { \
-        FN_VD a_[(W) / FN_LD], m_[(W) / FN_LD]; \
+        FN_VD a_[(W) / FN_LD], m_[(W) / FN_LD], t_[(W) / FN_LD]; \
         int j_; \
         FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) \
-            a_[j_] = FN_SPLAT(0); \
+            a_[j_] = t_[j_] = FN_SPLAT(0); \
         for (q = 0; q < n; q++) \
             FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) \
                 a_[j_] += FN_LD8(x + q * C + c0 + FN_LD * j_); \
@@ -576,14 +777,15 @@ FN_TARGET static void FN_NAME(fn_channels_moments)(const FN_T *x, ptrdiff_t n, p
             a_[j_] = FN_SPLAT(0); \
         } \
         for (q = 0; q < n; q++) { /* from L1; meanwhile fetch the next block's row q */ \
-            FN_PREFETCH(x + (n + q) * C + c0, (W) * sizeof(FN_T)); \
+            FN_PREFETCH(x + (n + q) * C + c0, (W) * sizeof(FN_S)); \
             FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) { \
                 const FN_VD d_ = FN_LD8(x + q * C + c0 + FN_LD * j_) - m_[j_]; \
                 a_[j_] += d_ * d_; \
+                FN_MOM_T(j_, d_); \
             } \
         } \
         FN_UNROLL for (j_ = 0; j_ < (W) / FN_LD; j_++) { \
-            FN_ST8D(mu + c0 + FN_LD * j_, m_[j_]); \
+            FN_ST8D(mu + c0 + FN_LD * j_, FN_MOM_MEAN(j_)); \
             FN_ST8D(s2 + c0 + FN_LD * j_, a_[j_]); \
         } \
     }
@@ -596,37 +798,45 @@ FN_TARGET static void FN_NAME(fn_channels_moments)(const FN_T *x, ptrdiff_t n, p
         }
     }
 #undef FN_MOM
+#undef FN_MOM_T
+#undef FN_MOM_MEAN
 #endif
     for (c = c0; c < C; c++) { /* the columns left over, one at a time */
-        double s = 0.0, t = 0.0, mc;
+        double s = 0.0, t = 0.0, u = 0.0, mc;
         for (q = 0; q < n; q++)
-            s += (double)x[q * C + c];
+            s += (double)FN_LD1(x + q * C + c);
         mc = s / (double)n;
         for (q = 0; q < n; q++) {
-            const double d = (double)x[q * C + c] - mc;
+            const double d = (double)FN_LD1(x + q * C + c) - mc;
             t += d * d;
+            u += d;
         }
-        mu[c] = mc;
+        mu[c] = FN_EXACT_SUMS ? mc : mc + u / (double)n;
         s2[c] = t;
     }
+    if (!FN_EXACT_SUMS) /* float64 data: sums beyond ~1e154 overflow (float32, half cannot) */
+        for (c = 0; c < C; c++)
+            if (!(isfinite(mu[c]) && isfinite(s2[c])))
+                FN_NAME(fn_moments_safe)(x + c, n, C, mu + c, s2 + c);
 }
 
 /* n rows of w columns, row stride ld: y = ((x - mh) - ml) * af + bf in FN_T lanes (see
  * FN_APPLYV) with FN_T coefficients (w,). y is x (in place) or does not overlap it (checked by
  * the caller); each vector is loaded before it is stored, so both run the same loop. */
-FN_INLINE void FN_NAME(fn_channels_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t w, ptrdiff_t ld,
-                                          const FN_T *FN_RESTRICT mh, const FN_T *FN_RESTRICT ml,
-                                          const FN_T *FN_RESTRICT af, const FN_T *FN_RESTRICT bf,
-                                          FN_T *y, int nts)
+FN_TARGET FN_INLINE void FN_NAME(fn_channels_apply)(const FN_S *x, ptrdiff_t n, ptrdiff_t w,
+                                                    ptrdiff_t ld, const FN_T *FN_RESTRICT mh,
+                                                    const FN_T *FN_RESTRICT ml,
+                                                    const FN_T *FN_RESTRICT af,
+                                                    const FN_T *FN_RESTRICT bf, FN_S *y, int nts)
 {
     ptrdiff_t q, c;
 #define FN_CH_ROWS(W) \
     for (q = 0; q < n; q++) { \
-        const FN_T *xr = x + q * ld; \
-        FN_T *yr = y + q * ld; \
-        FN_APPLYV(c, W, yr, ((FN_LDV(xr + c) - FN_LDV(mh + c)) - FN_LDV(ml + c)) \
-                            * FN_LDV(af + c) + FN_LDV(bf + c), \
-                  ((xr[c] - mh[c]) - ml[c]) * af[c] + bf[c], nts); \
+        const FN_S *xr = x + q * ld; \
+        FN_S *yr = y + q * ld; \
+        FN_APPLYV(c, W, yr, ((FN_LDV(xr + c) - FN_LDT(mh + c)) - FN_LDT(ml + c)) \
+                            * FN_LDT(af + c) + FN_LDT(bf + c), \
+                  ((FN_LD1(xr + c) - mh[c]) - ml[c]) * af[c] + bf[c], nts); \
     }
     /* a row width known at compile time: the coefficients stay in registers */
     switch (w) {
@@ -642,10 +852,11 @@ FN_INLINE void FN_NAME(fn_channels_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t 
 /* IN x block (n, C), m/a/b (C,) float64   OUT y block = (x - m) * a + b, in FN_T lanes: the
  * mean split hi + lo, a and b rounded to FN_T, FN_CH_COLS columns at a time. */
 #define FN_CH_COLS 256
-FN_TARGET static void FN_NAME(fn_channels_scale_shift)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
+FN_TARGET static void FN_NAME(fn_channels_scale_shift)(const FN_S *x, ptrdiff_t n,
+                                                       ptrdiff_t C,
                                                        const double *FN_RESTRICT m,
                                                        const double *FN_RESTRICT a,
-                                                       const double *FN_RESTRICT b, FN_T *y,
+                                                       const double *FN_RESTRICT b, FN_S *y,
                                                        int nts)
 {
     FN_T mh[FN_CH_COLS], ml[FN_CH_COLS], af[FN_CH_COLS], bf[FN_CH_COLS];
@@ -665,7 +876,7 @@ FN_TARGET static void FN_NAME(fn_channels_scale_shift)(const FN_T *x, ptrdiff_t 
 }
 
 /* IN dy, x blocks (n, C), m (C,) float64   OUT s, sx (C,) float64: sums of dy, dy*(x - m) */
-FN_TARGET static void FN_NAME(fn_channels_dot)(const FN_T *dy, const FN_T *x, ptrdiff_t n,
+FN_TARGET static void FN_NAME(fn_channels_dot)(const FN_S *dy, const FN_S *x, ptrdiff_t n,
                                                ptrdiff_t C, const double *FN_RESTRICT m,
                                                double *FN_RESTRICT s, double *FN_RESTRICT sx)
 {
@@ -702,9 +913,9 @@ FN_TARGET static void FN_NAME(fn_channels_dot)(const FN_T *dy, const FN_T *x, pt
     for (c = c0; c < C; c++) { /* the columns left over, one at a time */
         double a = 0.0, t = 0.0;
         for (q = 0; q < n; q++) {
-            const double g = (double)dy[q * C + c];
+            const double g = (double)FN_LD1(dy + q * C + c);
             a += g;
-            t += g * ((double)x[q * C + c] - m[c]);
+            t += g * ((double)FN_LD1(x + q * C + c) - m[c]);
         }
         s[c] = a;
         sx[c] = t;
@@ -713,22 +924,23 @@ FN_TARGET static void FN_NAME(fn_channels_dot)(const FN_T *dy, const FN_T *x, pt
 
 /* IN dy, x blocks (n, C), m/c1/c2/c3 (C,) float64   OUT dx = c1*dy + c2*(x - m) + c3
  * dx does not overlap dy or x (checked by the caller). */
-FN_TARGET static void FN_NAME(fn_channels_bwd_apply)(const FN_T *FN_RESTRICT dy,
-                                                     const FN_T *FN_RESTRICT x, ptrdiff_t n,
+FN_TARGET static void FN_NAME(fn_channels_bwd_apply)(const FN_S *FN_RESTRICT dy,
+                                                     const FN_S *FN_RESTRICT x, ptrdiff_t n,
                                                      ptrdiff_t C, const double *FN_RESTRICT m,
                                                      const double *FN_RESTRICT c1,
                                                      const double *FN_RESTRICT c2,
                                                      const double *FN_RESTRICT c3,
-                                                     FN_T *FN_RESTRICT dx, int nts)
+                                                     FN_S *FN_RESTRICT dx, int nts)
 {
     ptrdiff_t q, c;
     for (q = 0; q < n; q++) {
-        const FN_T *FN_RESTRICT xr = x + q * C, *FN_RESTRICT dyr = dy + q * C;
-        FN_T *FN_RESTRICT dxr = dx + q * C;
+        const FN_S *FN_RESTRICT xr = x + q * C, *FN_RESTRICT dyr = dy + q * C;
+        FN_S *FN_RESTRICT dxr = dx + q * C;
         FN_APPLY(c, C, dxr, FN_LD8D(c1 + c) * FN_LD8(dyr + c)
                             + FN_LD8D(c2 + c) * (FN_LD8(xr + c) - FN_LD8D(m + c))
                             + FN_LD8D(c3 + c),
-                 c1[c] * (double)dyr[c] + c2[c] * ((double)xr[c] - m[c]) + c3[c], nts);
+                 c1[c] * (double)FN_LD1(dyr + c) + c2[c] * ((double)FN_LD1(xr + c) - m[c])
+                 + c3[c], nts);
     }
     if (nts)
         FN_SFENCE();
@@ -740,26 +952,31 @@ FN_TARGET static void FN_NAME(fn_channels_bwd_apply)(const FN_T *FN_RESTRICT dy,
  * L3) between the statistics and the apply, so x is read from memory once. Per-column block
  * moments merged in block order (as channels_moments), then the K columns of a group merged
  * as equal-count sets (as fastnorm._geometry.merge_equal), as fastnorm/_numba. */
-FN_TARGET static void FN_NAME(fn_channels_fwd_grouped)(const FN_T *x, ptrdiff_t Q, ptrdiff_t C,
-                                                       ptrdiff_t G, ptrdiff_t h, const FN_T *w,
-                                                       const FN_T *b, double eps, FN_T *y,
-                                                       FN_T *mean, FN_T *rstd,
-                                                       double *FN_RESTRICT buf, int nts)
+FN_TARGET static void FN_NAME(fn_channels_fwd_grouped)(const FN_S *x, ptrdiff_t Q,
+                                                       ptrdiff_t C, ptrdiff_t G, ptrdiff_t h,
+                                                       const FN_T *w, const FN_T *b,
+                                                       double eps, FN_S *y, FN_T *mean,
+                                                       FN_T *rstd, double *FN_RESTRICT buf,
+                                                       int nts)
 {
     const ptrdiff_t nb = (Q + h - 1) / h, K = C / G;
     double *bmean = buf, *bm2 = buf + nb * C, *m = bm2 + nb * C, *m2 = m + C;
     double *a = m2 + C, *be = a + C;
-    ptrdiff_t blk, g, k;
+    ptrdiff_t blk, g, k, q;
+    int wide = 0;
     for (blk = 0; blk < nb; blk++) {
         const ptrdiff_t lo = blk * h, n = (Q - lo < h ? Q - lo : h);
         FN_NAME(fn_channels_moments)(x + lo * C, n, C, bmean + blk * C, bm2 + blk * C);
     }
     fn_channels_moments_merge(nb, h, Q, C, bmean, bm2, m, m2);
     for (g = 0; g < G; g++) {
+        /* the average of the K column means shifted by the first: K equal means (a constant
+         * group) average to that mean exactly */
+        const double m0 = m[g * K];
         double mg = 0.0, s2 = 0.0, dev = 0.0, var, r64;
         for (k = 0; k < K; k++)
-            mg += m[g * K + k];
-        mg /= (double)K;
+            mg += m[g * K + k] - m0;
+        mg = m0 + mg / (double)K;
         for (k = 0; k < K; k++) {
             const double d = m[g * K + k] - mg;
             s2 += m2[g * K + k];
@@ -767,6 +984,7 @@ FN_TARGET static void FN_NAME(fn_channels_fwd_grouped)(const FN_T *x, ptrdiff_t 
         }
         var = (s2 + (double)Q * dev) / (double)(Q * K);
         r64 = var == var ? 1.0 / sqrt((var < 0.0 ? 0.0 : var) + eps) : var;
+        wide |= sqrt(var * (double)(Q * K)) > FN_T_BIG; /* |x - mean| <= sqrt(M2) */
         for (k = 0; k < K; k++) { /* group g's entries of m are consumed: reuse them */
             const ptrdiff_t c = g * K + k;
             m[c] = mg;
@@ -775,6 +993,12 @@ FN_TARGET static void FN_NAME(fn_channels_fwd_grouped)(const FN_T *x, ptrdiff_t 
         }
         mean[g] = (FN_T)mg;
         rstd[g] = (FN_T)r64;
+    }
+    if (wide) { /* x - mean may pass FN_T's range: the sample in float64 (see fn_rows_fwd) */
+        for (q = 0; q < Q; q++)
+            for (k = 0; k < C; k++)
+                y[q * C + k] = FN_STS(((double)FN_LD1(x + q * C + k) - m[k]) * a[k] + be[k]);
+        return;
     }
     FN_NAME(fn_channels_scale_shift)(x, Q, C, m, a, be, y, nts);
 }
@@ -801,22 +1025,31 @@ FN_TARGET static void FN_NAME(fn_channels_eval_coefs)(const FN_T *mean, const FN
 }
 
 /* channels_eval on a block of n rows (n, C) with the coefficients of fn_channels_eval_coefs */
-FN_TARGET static void FN_NAME(fn_channels_eval_apply)(const FN_T *x, ptrdiff_t n, ptrdiff_t C,
-                                                      const FN_T *mh, const FN_T *ml,
-                                                      const FN_T *af, const FN_T *bf, FN_T *y,
-                                                      int nts)
+FN_TARGET static void FN_NAME(fn_channels_eval_apply)(const FN_S *x, ptrdiff_t n,
+                                                      ptrdiff_t C, const FN_T *mh,
+                                                      const FN_T *ml, const FN_T *af,
+                                                      const FN_T *bf, FN_S *y, int nts)
 {
     FN_NAME(fn_channels_apply)(x, n, C, C, mh, ml, af, bf, y, nts);
     if (nts)
         FN_SFENCE();
 }
 
-/* this inclusion's parameters, set by _simd.h */
+/* this inclusion's parameters, set by _simd_isa.h */
 #undef FN_T
+#undef FN_S
+#undef FN_HALF
+#undef FN_EXACT_SUMS
+#undef FN_T_BIG
 #undef FN_SUF
+#undef FN_LD1
+#undef FN_STS
 #undef FN_LD8
 #undef FN_ST8
 #undef FN_ST8_NT
+#undef FN_LDV
+#undef FN_STV
+#undef FN_STV_NT
 #undef FN_VT
 #undef FN_VN
 #undef FN_ACC64

@@ -4,11 +4,12 @@ Serves channels-last batch norm (1, N*S, C) and channels-last group/instance nor
 The inner loop runs along c (contiguous), so it vectorizes without reassociation. Q is cut
 into blocks whose size depends only on the shape, never on the thread count; block partials
 are merged in block order, so every thread count gives the same bits. Twins: reference.
+Data is read through ``ld`` and written through ``st`` (half precision as bits: _jit.py).
 """
 import numpy as np
 from numba import prange
 
-from ._jit import chan_merge, helper, kernel
+from ._jit import big, chan_merge, exact_sums, helper, kernel, ld, moments_safe, st
 
 
 @helper
@@ -19,34 +20,50 @@ def block_rows(Q, C):
 
 @helper
 def block_col_moments(xs, mu, s2):
-    """Two-pass mean and M2 of each column of a block xs (n, C) held in cache -> mu, s2."""
+    """Two-pass mean and M2 of each column of a block xs (n, C) held in cache -> mu, s2.
+
+    float64 data is shifted by the block's first row in the first pass, so that a constant
+    column's mean is exactly that constant (n float64 copies do not sum exactly; float32 and
+    half ones do, and skip the shift), and columns whose float64 sums overflowed are redone
+    by moments_safe.
+    """
     n, C = xs.shape
+    exact = exact_sums(xs)
     mu[:] = 0.0
     s2[:] = 0.0
     # four rows per sweep of the accumulators: a quarter of the per-row loop overhead and
     # accumulator traffic (C is often small, e.g. 64)
     n4 = n - n % 4
+    first = xs[0]
     for q in range(0, n4, 4):
         r0, r1, r2, r3 = xs[q], xs[q + 1], xs[q + 2], xs[q + 3]
         for c in range(C):
-            mu[c] += (np.float64(r0[c]) + r1[c]) + (np.float64(r2[c]) + r3[c])
+            k = 0.0 if exact else np.float64(ld(first[c]))
+            mu[c] += (((np.float64(ld(r0[c])) - k) + (ld(r1[c]) - k))
+                      + ((np.float64(ld(r2[c])) - k) + (ld(r3[c]) - k)))
     for q in range(n4, n):
         row = xs[q]
         for c in range(C):
-            mu[c] += row[c]
+            k = 0.0 if exact else np.float64(ld(first[c]))
+            mu[c] += np.float64(ld(row[c])) - k
     for c in range(C):
-        mu[c] /= n
+        k = 0.0 if exact else np.float64(ld(first[c]))
+        mu[c] = k + mu[c] / n
     for q in range(0, n4, 4):
         r0, r1, r2, r3 = xs[q], xs[q + 1], xs[q + 2], xs[q + 3]
         for c in range(C):
             m = mu[c]
-            d0, d1, d2, d3 = r0[c] - m, r1[c] - m, r2[c] - m, r3[c] - m
+            d0, d1, d2, d3 = ld(r0[c]) - m, ld(r1[c]) - m, ld(r2[c]) - m, ld(r3[c]) - m
             s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
     for q in range(n4, n):
         row = xs[q]
         for c in range(C):
-            d = row[c] - mu[c]
+            d = ld(row[c]) - mu[c]
             s2[c] += d * d
+    if not exact:
+        for c in range(C):
+            if not (np.isfinite(mu[c]) and np.isfinite(s2[c])):
+                mu[c], s2[c] = moments_safe(xs[:, c])
 
 
 @helper
@@ -103,11 +120,15 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
         m = np.empty(C)
         a = np.empty(C)
         be = np.zeros(C)
+        wide = False
         for g in range(G):  # columns of a group have equal counts: reference.merge_equal
+            # the average of the K column means shifted by the first: K equal means (a
+            # constant group) average to that mean exactly
+            m0 = mc[g * K]
             mg = 0.0
             for k in range(K):
-                mg += mc[g * K + k]
-            mg /= K
+                mg += mc[g * K + k] - m0
+            mg = m0 + mg / K
             s2 = 0.0
             dev = 0.0
             for k in range(K):
@@ -116,6 +137,8 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
                 dev += d * d
             var = (s2 + Q * dev) / (Q * K)
             r64 = 1.0 / np.sqrt(max(var, 0.0) + eps if var == var else var)
+            # |x - mean| <= sqrt(M2): past big(), x - mean may overflow the lanes
+            wide = wide or np.sqrt(var * Q * K) > big(x)
             for k in range(K):
                 c = g * K + k
                 m[c] = mg
@@ -129,8 +152,12 @@ def channels_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
         for q in range(Q):
             xr = xs[q]
             yr = ys[q]
+            if wide:   # this sample in float64 (never on data of a sane range)
+                for c in range(C):
+                    yr[c] = st(yr, (np.float64(ld(xr[c])) - m[c]) * a[c] + be[c])
+                continue
             for c in range(C):
-                yr[c] = (xr[c] - m[c]) * a[c] + be[c]
+                yr[c] = st(yr, (ld(xr[c]) - m[c]) * a[c] + be[c])
 
 
 @kernel
@@ -151,7 +178,7 @@ def channels_scale_shift(x, mean, alpha, beta, y):
             xr = xs[q]
             yr = ys[q]
             for c in range(C):
-                yr[c] = (xr[c] - m[c]) * a[c] + be[c]
+                yr[c] = st(yr, (ld(xr[c]) - m[c]) * a[c] + be[c])
 
 
 @kernel
@@ -177,16 +204,17 @@ def channels_dot(dy, x, mean, sum_dy, sum_dyxc):
             g0, g1, g2, g3 = dys[q], dys[q + 1], dys[q + 2], dys[q + 3]
             for c in range(C):
                 mc = m[c]
-                s[c] += (np.float64(g0[c]) + g1[c]) + (np.float64(g2[c]) + g3[c])
-                sx[c] += ((g0[c] * (x0[c] - mc) + g1[c] * (x1[c] - mc))
-                          + (g2[c] * (x2[c] - mc) + g3[c] * (x3[c] - mc)))
+                a0, a1, a2, a3 = ld(g0[c]), ld(g1[c]), ld(g2[c]), ld(g3[c])
+                s[c] += (np.float64(a0) + a1) + (np.float64(a2) + a3)
+                sx[c] += ((a0 * (ld(x0[c]) - mc) + a1 * (ld(x1[c]) - mc))
+                          + (a2 * (ld(x2[c]) - mc) + a3 * (ld(x3[c]) - mc)))
         for q in range(n4, n):
             xr = xs[q]
             dyr = dys[q]
             for c in range(C):
-                d = np.float64(dyr[c])
+                d = np.float64(ld(dyr[c]))
                 s[c] += d
-                sx[c] += d * (xr[c] - m[c])
+                sx[c] += d * (ld(xr[c]) - m[c])
     for p in prange(P):
         sum_dy[p, :] = 0.0
         sum_dyxc[p, :] = 0.0
@@ -217,4 +245,4 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
             dyr = dys[q]
             dxr = dxs[q]
             for c in range(C):
-                dxr[c] = a[c] * dyr[c] + bb[c] * (xr[c] - m[c]) + cc[c]
+                dxr[c] = st(dxr, a[c] * ld(dyr[c]) + bb[c] * (ld(xr[c]) - m[c]) + cc[c])

@@ -3,11 +3,12 @@
 Serves layer/RMS norm (fused rows_fwd/rows_bwd, the row stays in cache between its passes)
 and, through rows_moments / rows_scale_shift / rows_dot / rows_bwd_apply, every channels-first
 batch/group/instance norm viewed as (N*C, S) or (N*G, C/G*S) rows. Twins: fastnorm.reference.
+Data is read through ``ld`` and written through ``st`` (half precision as bits: _jit.py).
 """
 import numpy as np
 from numba import prange
 
-from ._jit import helper, kernel, row_moments
+from ._jit import big, helper, kernel, lane, lanes, ld, row_moments, st, sumsq_safe
 
 
 @helper
@@ -16,17 +17,18 @@ def dot_centered(dy, x, m):
     s = 0.0
     sx = 0.0
     for i in range(x.size):
-        d = np.float64(dy[i])
+        d = np.float64(ld(dy[i]))
         s += d
-        sx += d * (x[i] - m)
+        sx += d * (ld(x[i]) - m)
     return s, sx
 
 
 @helper
 def split(v, like):
-    """v (float64) as hi + lo in x's dtype: ``(x - hi) - lo`` is exact where x is near v."""
-    hi = like.dtype.type(v)
-    return hi, like.dtype.type(v - hi)
+    """v (float64) as hi + lo in like's arithmetic type: ``(x - hi) - lo`` is exact where x
+    is near v."""
+    hi = lane(like, v)
+    return hi, lane(like, v - hi)
 
 
 @kernel
@@ -39,34 +41,48 @@ def rows_fwd(x, weight, bias, eps, rms, y, mean, rstd):
         yr = y[r]
         if rms:
             mu = 0.0
-            ss = xr.dtype.type(0)
+            ss = lanes(xr)
             for i in range(M):
-                ss += xr[i] * xr[i]
+                v = ld(xr[i])
+                ss += v * v
             var = np.float64(ss) / M
+            if not np.isfinite(var):  # the lanes overflowed (|x| > ~1.8e19 in float32)
+                var = sumsq_safe(xr) / M
         else:
-            mu, m2 = row_moments(xr, xr.dtype.type(0))  # row in cache: dtype lanes
+            mu, m2 = row_moments(xr, lanes(xr))  # row in cache: x's arithmetic lanes
             var = m2 / M
         r64 = 1.0 / np.sqrt(var + eps)
+        mean[r] = mu
+        rstd[r] = r64
+        if not rms and np.sqrt(var * M) > big(xr):
+            # |x - mean| <= sqrt(M2) may pass the lanes' range (data spanning float32's):
+            # this row in float64 (never on data of a sane range)
+            for i in range(M):
+                v = (np.float64(ld(xr[i])) - mu) * r64
+                if weight is not None:
+                    v *= weight[i]
+                if bias is not None:
+                    v += bias[i]
+                yr[i] = st(yr, v)
+            continue
         hi, lo = split(mu, xr)
-        rs = xr.dtype.type(r64)
+        rs = lane(xr, r64)
         # Scalar math: y = ((x - hi) - lo) * (rstd * w) + b: the mean kept inside, no
-        # cancellation (ARCHITECTURE.md §5), in x's dtype lanes.
+        # cancellation (ARCHITECTURE.md §5), in x's arithmetic lanes.
         if weight is None:
             if bias is None:
                 for i in range(M):
-                    yr[i] = ((xr[i] - hi) - lo) * rs
+                    yr[i] = st(yr, ((ld(xr[i]) - hi) - lo) * rs)
             else:
                 for i in range(M):
-                    yr[i] = ((xr[i] - hi) - lo) * rs + bias[i]
+                    yr[i] = st(yr, ((ld(xr[i]) - hi) - lo) * rs + bias[i])
         else:
             if bias is None:
                 for i in range(M):
-                    yr[i] = ((xr[i] - hi) - lo) * (rs * weight[i])
+                    yr[i] = st(yr, ((ld(xr[i]) - hi) - lo) * (rs * weight[i]))
             else:
                 for i in range(M):
-                    yr[i] = ((xr[i] - hi) - lo) * (rs * weight[i]) + bias[i]
-        mean[r] = mu
-        rstd[r] = r64
+                    yr[i] = st(yr, ((ld(xr[i]) - hi) - lo) * (rs * weight[i]) + bias[i])
 
 
 @kernel
@@ -79,20 +95,50 @@ def rows_fwd_grouped(x, weight, bias, eps, y, mean, rstd):
     G = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else 1)
     xf = x.reshape(R, K * S)
     for r in prange(R):
-        mu, m2 = row_moments(xf[r], xf.dtype.type(0))   # row in cache: dtype lanes
+        mu, m2 = row_moments(xf[r], lanes(xf))   # row in cache: x's arithmetic lanes
         r64 = 1.0 / np.sqrt(m2 / (K * S) + eps)
         hi, lo = split(mu, xf)
-        rs = xf.dtype.type(r64)
+        rs = lane(xf, r64)
         g = r % G
+        wide = np.sqrt(m2) > big(xf)              # as in rows_fwd: then in float64
         for k in range(K):
             xs = x[r, k]
             ys = y[r, k]
             a = rs if weight is None else rs * weight[g, k]
-            b = xf.dtype.type(0) if bias is None else bias[g, k]
+            b = lanes(xf) if bias is None else bias[g, k]
+            if wide:
+                a64 = r64 if weight is None else r64 * weight[g, k]
+                for i in range(S):
+                    ys[i] = st(ys, (np.float64(ld(xs[i])) - mu) * a64 + b)
+                continue
             for i in range(S):
-                ys[i] = ((xs[i] - hi) - lo) * a + b
+                ys[i] = st(ys, ((ld(xs[i]) - hi) - lo) * a + b)
         mean[r] = mu
         rstd[r] = r64
+
+
+@helper
+def row_bwd_wide(dyr, xr, mu, rs, weight, rms, dxr, dwb, dbb):
+    """One row of rows_bwd in float64 (a row whose |x - mean| may pass the lanes' range)."""
+    M = xr.size
+    sg = 0.0
+    sgx = 0.0
+    for i in range(M):
+        d = np.float64(ld(dyr[i]))
+        h = (np.float64(ld(xr[i])) - mu) * rs
+        g = d if weight is None else d * weight[i]
+        sg += g
+        sgx += g * h
+        if dwb is not None:
+            dwb[i] += d * h
+        if dbb is not None:
+            dbb[i] += d
+    mg = 0.0 if rms else sg / M
+    mgx = sgx / M
+    for i in range(M):
+        d = np.float64(ld(dyr[i]))
+        g = d if weight is None else d * weight[i]
+        dxr[i] = st(dxr, rs * ((g - mg) - ((np.float64(ld(xr[i])) - mu) * rs) * mgx))
 
 
 @kernel
@@ -102,6 +148,8 @@ def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
     R, M = x.shape
     B = dw_part.shape[0] if dw_part is not None else (
         db_part.shape[0] if db_part is not None else min(R, 64))
+    # |x - mean| <= sqrt(M) * std < sqrt(M) / rstd: rows past big() in float64
+    wide_rstd = np.sqrt(M) / big(x)
     for b in prange(B):
         if dw_part is not None:
             dw_part[b, :] = 0.0
@@ -111,32 +159,38 @@ def rows_bwd(dy, x, mean, rstd, weight, rms, dx, dw_part, db_part):
             xr = x[r]
             dyr = dy[r]
             dxr = dx[r]
-            mu = mean[r]               # x's dtype: mean[r] is exactly what forward returned
+            mu = mean[r]               # x's lanes: mean[r] is exactly what forward returned
             rs = rstd[r]
             # sums over the row of g = dy * w and g * xhat, xhat = (x - mean) * rstd; the
             # weight/bias gradient partials of this block ride along in the same pass
-            sg = xr.dtype.type(0)
-            sgx = xr.dtype.type(0)
+            sg = lanes(xr)
+            sgx = lanes(xr)
             dwb = dw_part[b] if dw_part is not None else None
             dbb = db_part[b] if db_part is not None else None
+            if rs < wide_rstd:
+                row_bwd_wide(dyr, xr, np.float64(mu), np.float64(rs), weight, rms, dxr, dwb,
+                             dbb)
+                continue
             for i in range(M):
-                xh = (xr[i] - mu) * rs
-                g = dyr[i] if weight is None else dyr[i] * weight[i]
+                d = ld(dyr[i])
+                xh = (ld(xr[i]) - mu) * rs
+                g = d if weight is None else d * weight[i]
                 sg += g
                 sgx += g * xh
                 if dwb is not None:
-                    dwb[i] += dyr[i] * xh
+                    dwb[i] += d * xh
                 if dbb is not None:
-                    dbb[i] += dyr[i]
-            mg = xr.dtype.type(0.0 if rms else np.float64(sg) / M)
-            mgx = xr.dtype.type(np.float64(sgx) / M)
+                    dbb[i] += d
+            mg = lane(xr, 0.0 if rms else np.float64(sg) / M)
+            mgx = lane(xr, np.float64(sgx) / M)
             # dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (term 1, 2, 3)
             if weight is None:
                 for i in range(M):
-                    dxr[i] = rs * ((dyr[i] - mg) - ((xr[i] - mu) * rs) * mgx)
+                    dxr[i] = st(dxr, rs * ((ld(dyr[i]) - mg) - ((ld(xr[i]) - mu) * rs) * mgx))
             else:
                 for i in range(M):
-                    dxr[i] = rs * ((dyr[i] * weight[i] - mg) - ((xr[i] - mu) * rs) * mgx)
+                    dxr[i] = st(dxr, rs * ((ld(dyr[i]) * weight[i] - mg)
+                                           - ((ld(xr[i]) - mu) * rs) * mgx))
 
 
 @kernel
@@ -158,7 +212,7 @@ def rows_scale_shift(x, mean, alpha, beta, y):
         a = alpha[r]
         b = beta[r]
         for i in range(M):
-            yr[i] = (xr[i] - m) * a + b
+            yr[i] = st(yr, (ld(xr[i]) - m) * a + b)
 
 
 @kernel
@@ -202,7 +256,7 @@ def rows_bwd_grouped(dy, x, mean, rstd, weight, dx, sum_dy, sum_dyxh):
             dys = dy[r, k]
             dxs = dx[r, k]
             for i in range(S):
-                dxs[i] = c1 * dys[i] + c2 * (xs[i] - mu) + c3
+                dxs[i] = st(dxs, c1 * ld(dys[i]) + c2 * (ld(xs[i]) - mu) + c3)
 
 
 @kernel
@@ -218,4 +272,4 @@ def rows_bwd_apply(dy, x, mean, c1, c2, c3, dx):
         b = c2[r]
         c = c3[r]
         for i in range(M):
-            dxr[i] = a * dyr[i] + b * (xr[i] - m) + c
+            dxr[i] = st(dxr, a * ld(dyr[i]) + b * (ld(xr[i]) - m) + c)
