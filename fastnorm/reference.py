@@ -486,7 +486,11 @@ def merge_equal(mean, m2, count, out_mean, out_m2):
     # IN mean, m2 (P1, K, P2) float64, K groups of ``count`` elements each
     # OUT out_mean, out_m2 (P1, P2): Chan's merge over K (exact form for equal counts)
     add = np.add.reduce  # = .sum(axis), without its Python wrapper
-    mu = add(mean, axis=1, keepdims=True) / mean.shape[1]
+    K = mean.shape[1]
+    mu = add(mean, axis=1, keepdims=True) / K
+    # one correction by the mean deviation: K equal means (a constant channel) give exactly
+    # that mean, where their rounded sum / K may miss it by an ulp
+    mu = mu + add(mean - mu, axis=1, keepdims=True) / K
     d = mean - mu
     out_m2[...] = add(m2, axis=1) + count * add(d * d, axis=1)
     out_mean[...] = mu[:, 0]
