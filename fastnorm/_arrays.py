@@ -5,7 +5,9 @@ where its arrays live; the CPU backends share this one, the CUDA backend has its
 the same methods (``fastnorm._cuda.ARRAYS``). Arguments are checked by ``fastnorm._checks``
 first; the adapter only converts what was accepted.
 
-float16 input is computed in float32 (statistics too) and cast back on output.
+Half-precision input (float16, ml_dtypes.bfloat16) goes to the kernels as it is: they convert
+in registers and write half outputs; its statistics (and the fused kernels' weights) are
+float32, the ``stats_dtype``.
 """
 import numbers
 
@@ -44,12 +46,13 @@ class Host:
             x = x.copy()  # compiled kernels take aligned data only
         return x
 
-    def compute_dtype(self, x):
-        return F32 if x.dtype == np.float16 else x.dtype
+    def stats_dtype(self, x):
+        """dtype of the per-row statistics and fused weights: float32 for half data."""
+        return F32 if x.dtype.itemsize == 2 else x.dtype
 
     def plan(self, x, axis=None, batch_outer=False):
-        """(x in a layout the geometry can view, in the compute dtype; its Layout)."""
-        return geo.layout(x.astype(self.compute_dtype(x), copy=False), axis, batch_outer)
+        """(x in a layout the geometry can view; its Layout)."""
+        return geo.layout(x, axis, batch_outer)
 
     def view(self, a, lay, shape):
         return lay.view(a, shape)
@@ -64,11 +67,11 @@ class Host:
         return a
 
     def output(self, out, x, lay):
-        """(y to compute into, in the layout and compute dtype; the array to return)."""
-        T = self.compute_dtype(x)
+        """(y to compute into, in the layout; the array to return)."""
+        T = x.dtype
         if out is None:
             y = lay.empty(T)
-            return y, (y if T == x.dtype else None)
+            return y, y
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
         _checks.out_array(out, x)
@@ -78,9 +81,7 @@ class Host:
         return lay.empty(T), out
 
     def finish(self, y, final, lay):
-        """The array the call returns: y itself, y copied into out=, or y cast to float16."""
-        if final is None:
-            return y.astype(np.float16)
+        """The array the call returns: y itself, or y copied into out=."""
         if final is not y:
             final[...] = y
         return final

@@ -178,7 +178,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             return_stats=return_stats, num_batches_tracked=num_batches_tracked,
             collective=collective), ("running_mean", "running_var"))
     ax = _checks.axis(axis, x.ndim)
-    C, T = x.shape[ax], xp.compute_dtype(x)
+    C, T = x.shape[ax], xp.stats_dtype(x)   # T: statistics (float32 for half data)
     training = _checks.flag(training, "training")
     w = xp.param(weight, "weight", (C,), x)
     b = xp.param(bias, "bias", (C,), x)
@@ -231,7 +231,8 @@ def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True,
             grad_out=grad_out, input=x, mean=mean, rstd=rstd, weight=weight,
             training=training, axis=axis, has_bias=has_bias, collective=collective))
     ax = _checks.axis(axis, x.ndim)
-    C, T = x.shape[ax], xp.compute_dtype(x)
+    C = x.shape[ax]
+    P = xp.stats_dtype(x) if weight is None else np.dtype(weight.dtype)  # gradients' dtype
     training = _checks.flag(training, "training")
     mean = xp.statistics(mean, "mean", (C,))
     rstd = xp.statistics(rstd, "rstd", (C,))
@@ -239,14 +240,13 @@ def batch_norm_backward(grad_out, input, mean, rstd, weight=None, training=True,
     xw, lay = xp.plan(x, ax)
     dy = xp.like(grad_out, xw, lay, "grad_out")
     kind, shape, A = geo.batch_geometry(lay, ax)
-    dx = xp.empty_in(lay, T)
+    dx = xp.empty_in(lay, x.dtype)
     xv, dyv, dxv = xp.view(xw, lay, shape), xp.view(dy, lay, shape), xp.view(dx, lay, shape)
     count = x.size // C if C else 0
     gw, gb = unit_backward(backend, xp, kind, dyv, xv, dxv, mean.reshape(1, C),
                            rstd.reshape(1, C), w, 1, A if kind == "rows" else 1, count,
-                           training, has_bias, T, collective)
-    dx = xp.finish(dx, dx if T == x.dtype else None, lay)
-    return (dx,) + xp.result(T, gw, gb)
+                           training, has_bias, P, collective)
+    return (xp.finish(dx, dx, lay),) + xp.result(P, gw, gb)
 
 
 # ------------------------------------------------------------------ instance / group norm
@@ -295,7 +295,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
             out=out, return_stats=return_stats, num_batches_tracked=num_batches_tracked),
             ("running_mean", "running_var"))
     ax = _checks.channel_axis(axis, x.ndim)
-    C, T = x.shape[ax], xp.compute_dtype(x)
+    C, T = x.shape[ax], xp.stats_dtype(x)   # T: statistics (float32 for half data)
     use_input_stats = _checks.flag(use_input_stats, "use_input_stats")
     _checks.parameter(weight, "weight", (C,), x)
     _checks.parameter(bias, "bias", (C,), x)
@@ -347,7 +347,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1, o
             input=x, num_groups=num_groups, weight=weight, bias=bias, eps=eps, axis=axis,
             out=out, return_stats=return_stats))
     ax = _checks.channel_axis(axis, x.ndim)
-    C, T = x.shape[ax], xp.compute_dtype(x)
+    C, T = x.shape[ax], xp.stats_dtype(x)   # T: statistics (float32 for half data)
     G = _checks.groups(num_groups, C, x.shape)
     _checks.parameter(weight, "weight", (C,), x)
     _checks.parameter(bias, "bias", (C,), x)
@@ -384,7 +384,8 @@ def nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, gr
             grad_out=grad_out, input=x, mean=mean, rstd=rstd, weight=weight, axis=axis,
             has_bias=has_bias, groups=groups, training=training))
     ax = _checks.channel_axis(axis, x.ndim)
-    C, T = x.shape[ax], xp.compute_dtype(x)
+    C = x.shape[ax]
+    P = xp.stats_dtype(x) if weight is None else np.dtype(weight.dtype)  # gradients' dtype
     G = C if groups is None else _checks.groups(groups, C, x.shape)
     training = _checks.flag(training, "use_input_stats")
     xw, lay, kind, N, C, S, shape = _nc_view(xp, x, ax)
@@ -392,7 +393,7 @@ def nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, gr
     rstd = xp.statistics(rstd, "rstd", (N, G))
     w = xp.param(weight, "weight", (C,), x)
     dy = xp.like(grad_out, xw, lay, "grad_out")
-    dx = xp.empty_in(lay, T)
+    dx = xp.empty_in(lay, x.dtype)
     cg = C // G if G else 1
     if x.size and kind == "rows" and training:
         # channels-first: one fused kernel, each (sample, group) row read from memory once
@@ -402,17 +403,16 @@ def nc_backward(grad_out, input, mean, rstd, weight, axis, has_bias, backend, gr
             xp.view(dy, lay, shape3), xp.view(xw, lay, shape3), mean.reshape(N * G),
             rstd.reshape(N * G), None if w is None else w.reshape(G, cg),
             xp.view(dx, lay, shape3), sdy, sdxh)
-        gw = None if w is None else xp.empty((C,), T)
-        gb = xp.empty((C,), T) if has_bias else None
+        gw = None if w is None else xp.empty((C,), P)
+        gb = xp.empty((C,), P) if has_bias else None
         for part, g in ((sdxh, gw), (sdy, gb)):
             if g is not None:
                 run(backend, COLUMN_SUMS, N * C)(part.reshape(N, C), g)
     else:
         xv, dyv, dxv = xp.view(xw, lay, shape), xp.view(dy, lay, shape), xp.view(dx, lay, shape)
         gw, gb = unit_backward(backend, xp, kind, dyv, xv, dxv, mean, rstd, w, cg, N, cg * S,
-                               training, has_bias, T)
-    dx = xp.finish(dx, dx if T == x.dtype else None, lay)
-    return (dx,) + xp.result(T, gw, gb)
+                               training, has_bias, P)
+    return (xp.finish(dx, dx, lay),) + xp.result(P, gw, gb)
 
 
 # --------------------------------------------------------------------- layer / RMS norm
@@ -426,10 +426,10 @@ def rows_forward(input, normalized_shape, weight, bias, eps, rms, out, return_st
             input=x, normalized_shape=normalized_shape, weight=weight, bias=bias, eps=eps,
             rms=rms, out=out, return_stats=return_stats))
     ns, lead, R, M = _checks.rows_shape(x.shape, normalized_shape)
-    T = xp.compute_dtype(x)
+    T = xp.stats_dtype(x)    # statistics and fused weights (float32 for half data)
     w = xp.param(weight, "weight", ns, x, T)
     b = xp.param(bias, "bias", ns, x, T)
-    eps = _checks.eps(np.finfo(x.dtype).eps if eps is None and rms else eps)
+    eps = _checks.eps(float(np.finfo(x.dtype).eps) if eps is None and rms else eps)
     xw, lay = xp.plan(x)
     y, final = xp.output(out, x, lay)
     if x.size:
@@ -457,7 +457,8 @@ def rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, rms, ha
         return xp.via_host(rows_backward, dict(
             grad_out=grad_out, input=x, mean=mean, rstd=rstd, weight=weight,
             normalized_shape=normalized_shape, rms=rms, has_bias=has_bias))
-    T = xp.compute_dtype(x)
+    T = xp.stats_dtype(x)    # statistics and weight (float32 for half data)
+    P = T if weight is None else np.dtype(weight.dtype)   # the gradients' dtype
     if normalized_shape is None:
         if rstd is None:
             _checks.statistics(rstd, "rstd", ())
@@ -468,7 +469,7 @@ def rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, rms, ha
     w = xp.param(weight, "weight", ns, x, T)
     xw, lay = xp.plan(x)
     dy = xp.like(grad_out, xw, lay, "grad_out")
-    dx = xp.empty_in(lay, T)
+    dx = xp.empty_in(lay, x.dtype)
     B = row_blocks(R)
     dw_part = None if w is None else xp.empty((B, M))
     db_part = xp.empty((B, M)) if has_bias else None
@@ -481,13 +482,12 @@ def rows_backward(grad_out, input, mean, rstd, weight, normalized_shape, rms, ha
         if part is None:
             grads.append(None)
         elif x.size:
-            g = xp.empty((M,), T)
+            g = xp.empty((M,), P)
             run(backend, COLUMN_SUMS, B * M)(part, g)
             grads.append(g.reshape(ns))
         else:
-            grads.append(xp.zeros(ns, T))
-    dx = xp.finish(dx, dx if T == x.dtype else None, lay)
-    return (dx,) + xp.result(T, *grads)
+            grads.append(xp.zeros(ns, P))
+    return (xp.finish(dx, dx, lay),) + xp.result(P, *grads)
 
 
 # ------------------------------------------------------------ one-call fast paths
