@@ -1132,11 +1132,15 @@ class SyncBatchNorm(_BatchNorm):
 
     >>> import numpy as np
     >>> from fastnorm import nn
-    >>> from fastnorm.mpi import MPI
-    >>> bn = nn.SyncBatchNorm(3, process_group=MPI.COMM_SELF)
+    >>> from fastnorm.mpi import MPI                          # doctest: +SKIP
+    >>> bn = nn.SyncBatchNorm(3, process_group=MPI.COMM_SELF)  # doctest: +SKIP
     >>> y = bn(np.random.default_rng(0).normal(4, 2, (8, 3, 5)).astype(np.float32))
-    >>> y.shape, int(bn.num_batches_tracked)
+    ... # doctest: +SKIP
+    >>> y.shape, int(bn.num_batches_tracked)                  # doctest: +SKIP
     ((8, 3, 5), 1)
+
+    (Skipped by the doctests, which run without the ``[mpi]`` extra; tests/test_mpi.py
+    runs the layer.)
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
