@@ -19,38 +19,32 @@ def _mpiexec():
     return here if os.access(here, os.X_OK) else shutil.which("mpiexec")
 
 
-def test_two_ranks_equal_single_process_batch_norm():
+def _two_ranks(script, verdict, timeout):
+    """Run tests/<script> under ``mpiexec -n 2``; fail unless rank 0 prints ``verdict``."""
     pytest.importorskip("mpi4py", reason="the [mpi] extra (mpi4py, mpich) is not installed")
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found (pip install mpich)")
-    # the child imports the same fastnorm as this process (installed, or the source tree)
+    # the children import the same fastnorm as this process (installed, or the source tree)
     where = os.path.dirname(os.path.dirname(os.path.abspath(fastnorm.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [where] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, SCRIPT], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=ROOT)
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable,
+                           os.path.join(ROOT, "tests", script)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
     out = proc.stdout + proc.stderr
-    assert "SYNC_BN_VERDICT PASS" in proc.stdout, out[-4000:]
+    assert verdict in proc.stdout, out[-4000:]
     assert proc.returncode == 0, out[-4000:]
+
+
+def test_two_ranks_equal_single_process_batch_norm():
+    _two_ranks(os.path.basename(SCRIPT), "SYNC_BN_VERDICT PASS", 120)
 
 
 def test_data_parallel_two_ranks_equal_one_process_training():
     """tests/mpi_ddp.py under mpiexec -n 2: DistributedDataParallel of the demo's CNN (batch
     norm converted to SyncBatchNorm) against one process on the whole batch, SGD and Adam."""
-    pytest.importorskip("mpi4py", reason="the [mpi] extra (mpi4py, mpich) is not installed")
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("mpiexec not found (pip install mpich)")
-    where = os.path.dirname(os.path.dirname(os.path.abspath(fastnorm.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [where] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([mpiexec, "-n", "2", sys.executable,
-                           os.path.join(ROOT, "tests", "mpi_ddp.py")], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=ROOT)
-    out = proc.stdout + proc.stderr
-    assert "DDP_VERDICT PASS" in proc.stdout, out[-4000:]
-    assert proc.returncode == 0, out[-4000:]
+    _two_ranks("mpi_ddp.py", "DDP_VERDICT PASS", 300)
 
 
 def test_data_parallel_checks_and_single_rank(mpi):
