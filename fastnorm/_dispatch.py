@@ -94,10 +94,10 @@ def _composed_channels_eval(scale_shift, finalize=reference.finalize, arrays=_ar
     return channels_eval
 
 
-# Fused kernels beyond the reference contract: a backend may provide them (fastnorm_cy
-# does); otherwise they are composed from its contract kernels. channels_eval makes a
-# one-row eval BatchNorm one call: no NumPy temporaries for rstd/alpha/beta.
-FUSED = {"channels_eval": ("channels_scale_shift", _composed_channels_eval)}
+# Fused kernels (reference.FUSED): a backend may provide them (fastnorm_cy and
+# fastnorm._numba do); otherwise they are composed from its contract kernels. channels_eval
+# makes a one-row eval BatchNorm one call: no NumPy temporaries for rstd/alpha/beta.
+FUSED = {reference.CHANNELS_EVAL: (reference.SCALE_SHIFT["channels"], _composed_channels_eval)}
 
 
 class BackendUnavailable(ValueError, ImportError):
@@ -116,7 +116,8 @@ def _load(backend):
             return True
         if backend == "numpy":
             mod = reference
-            kernels = {name: (getattr(reference, name),) * 2 for name in reference.KERNELS}
+            kernels = {name: (getattr(reference, name),) * 2
+                       for name in reference.KERNELS + reference.FUSED}
         elif backend in _MODULES:
             try:
                 mod = importlib.import_module(_MODULES[backend])
@@ -234,19 +235,10 @@ def table_entries():
     return sorted(_TABLE)
 
 
-_TWINS = {}
-
-
 def twin(name):
     """The NumPy twin of kernel ``name``: the function every backend's entry is held to
-    (``reference.<name>``, or for a fused kernel its composition from the twins)."""
-    if name not in _TWINS:
-        if name in FUSED:
-            base, compose = FUSED[name]
-            _TWINS[name] = compose(getattr(reference, base))
-        else:
-            _TWINS[name] = getattr(reference, name)
-    return _TWINS[name]
+    (``reference.<name>``)."""
+    return getattr(reference, name)
 
 
 def entry(name, backend):

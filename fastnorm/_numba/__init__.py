@@ -27,6 +27,7 @@ _ARGS = {
     "channels_dot": ((1, 0), ()),
     "channels_bwd_apply": ((1, 0, 6), ()),
     "channels_fwd_grouped": ((0, 4), (1, 2)),
+    "channels_eval": ((0, 6), (1, 2, 3, 4)),
 }
 _VIEW = {"float16": np.uint16, "bfloat16": np.int16}
 
@@ -64,9 +65,26 @@ def _half_args(args, data, params):
     return args
 
 
+def _rows_of(kernel):
+    """channels_eval on x, y (..., C): the kernel sees their (Q, C) views (no copy)."""
+    def entry(x, mean, var, weight, bias, eps, y):
+        if x.ndim != 2:
+            if not (x.flags.c_contiguous and y.flags.c_contiguous and x.ndim):
+                raise ValueError("x and y must be C-contiguous with at least 1 dimension")
+            C = x.shape[-1]
+            Q = x.size // C if C else 0
+            x, y = x.reshape(Q, C), y.reshape(Q, C)
+        return kernel(x, mean, var, weight, bias, eps, y)
+    entry.__name__ = entry.__qualname__ = kernel.__name__
+    entry.__doc__ = kernel.__doc__
+    entry.dispatcher = kernel.dispatcher
+    return entry
+
+
 KERNELS = {name: tuple(_entry(d, *_ARGS[name])
                        for d in getattr(rows if name.startswith("rows") else channels, name))
-           for name in _reference.KERNELS}
+           for name in _reference.KERNELS + _reference.FUSED}
+KERNELS["channels_eval"] = tuple(_rows_of(k) for k in KERNELS["channels_eval"])
 
 
 def set_num_threads(n):

@@ -246,3 +246,41 @@ def channels_bwd_apply(dy, x, mean, c1, c2, c3, dx):
             dxr = dxs[q]
             for c in range(C):
                 dxr[c] = st(dxr, a[c] * ld(dyr[c]) + bb[c] * (ld(xr[c]) - m[c]) + cc[c])
+
+
+@helper
+def eval_coefs(mean, var, weight, bias, eps, m, a, be):
+    # IN mean/var (C,), weight/bias (C,) or None   OUT m, a, be (C,) float64: the mean,
+    # rstd * weight and bias that reference.finalize gives channels_scale_shift. rstd is
+    # stored before the weight multiplies it: in one expression, reassoc (fastmath) turns
+    # (1 / s) * w into w / s, an ulp away from the composed form.
+    C = m.shape[0]
+    for c in range(C):
+        m[c] = mean[c]
+        a[c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+        be[c] = 0.0 if bias is None else bias[c]
+    if weight is not None:
+        for c in range(C):
+            a[c] *= weight[c]
+
+
+@kernel
+def channels_eval(x, mean, var, weight, bias, eps, y):
+    # IN x (Q, C), mean/var (C,), weight/bias (C,) or None, eps   OUT y (Q, C)
+    # y = (x - mean) * (rstd * weight) + bias with rstd = 1 / sqrt(var + eps): the
+    # coefficients once per call (the bits of the composed form), then one pass over x
+    Q, C = x.shape
+    m = np.empty(C)
+    a = np.empty(C)
+    be = np.empty(C)
+    eval_coefs(mean, var, weight, bias, eps, m, a, be)
+    h = block_rows(Q, C)
+    nb = (Q + h - 1) // h
+    for b in prange(nb):
+        xs = x[b * h:min(Q, (b + 1) * h)]
+        ys = y[b * h:min(Q, (b + 1) * h)]
+        for q in range(xs.shape[0]):
+            xr = xs[q]
+            yr = ys[q]
+            for c in range(C):
+                yr[c] = st(yr, (ld(xr[c]) - m[c]) * a[c] + be[c])
