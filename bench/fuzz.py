@@ -829,10 +829,14 @@ def _build_backward(case, b, fn, base, x, x64, xdt, T, g, w, backend):
             want = ref_call("layer_norm_backward", dy64, x64,
                             np.zeros(sshape) if base == "rms_norm" else sm, sr, w64,
                             rms=base == "rms_norm")
+    # parameter gradients come back in the weight's dtype: held to the coarser of it and T
+    P = T
+    if isinstance(w, np.ndarray) and T is not None and w.dtype.itemsize < np.dtype(T).itemsize:
+        P = w.dtype
     b.expect["grad_x"] = (want[0], xdt, 0.0)
-    b.expect["grad_weight"] = (want[1] if w is not None else None, T, 0.0)
+    b.expect["grad_weight"] = (want[1] if w is not None else None, P, 0.0)
     if base != "rms_norm":
-        b.expect["grad_bias"] = (want[2] if has_bias else None, T, 0.0)
+        b.expect["grad_bias"] = (want[2] if has_bias else None, P, 0.0)
     return b
 
 

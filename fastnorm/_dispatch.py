@@ -17,8 +17,8 @@ Choice of backend, first match wins: the ``backend=`` argument of a call, the in
 measured at import (a timing at import would cost the start-up budget and vary with load).
 On the 2-core EPYC box (bench/bench_latency.py, python -m fastnorm bench): Cython starts in
 ~0.15 s with no JIT (Numba: ~1 s from its cache, 5-10 s to compile), is faster on one-row
-calls (LN (1, 768): 1.7 vs 2.3 us; eval BN (1, 1024): 1.85 vs 7.5 us with api's one-call
-path) and as fast as Numba or faster on the large cases (explicit vectors, non-temporal
+calls (bench_latency, 2026-12-04: LN (1, 768) 2.2 vs 2.9 us; eval BN (1, 1024) 2.7 vs
+4.2 us) and as fast as Numba or faster on the large cases (explicit vectors, non-temporal
 stores; see README, Backends). NumPy is last: always there.
 """
 import contextlib
@@ -42,10 +42,12 @@ ALL = BACKENDS + ("cuda",)
 PARALLEL_MIN = 1 << 15
 
 _TABLE = {}
+_NATIVE = {}          # (kernel, backend) -> the entries api's one-call paths take (below)
 _ARRAYS = {}          # backend -> its array adapter
 _MODS = {}
 _FAILED = {}
 _LOADED = set()       # backends whose kernels are in _TABLE
+_DEVICE = set()       # loaded backends whose arrays are not host ndarrays
 _default = [None]     # first loadable backend of BACKENDS, once found
 _lock = threading.Lock()
 _current = contextvars.ContextVar("fastnorm_backend", default=None)
@@ -135,27 +137,36 @@ def _load(backend):
         if mod is reference:
             register(backend, kernels)
         else:
-            register(backend, kernels, getattr(mod, "PHASES", None), getattr(mod, "ARRAYS", None))
+            register(backend, kernels, getattr(mod, "PHASES", None), getattr(mod, "ARRAYS", None),
+                     getattr(mod, "NATIVE", None))
     return True
 
 
-def register(backend, kernels, phases=None, arrays=None):
+def register(backend, kernels, phases=None, arrays=None, native=None):
     """Put a backend's kernels into the table: ``kernels`` (every name of
     ``reference.KERNELS``, optionally fused ones of ``FUSED``) and ``phases`` (the names of
     ``reference.PHASES``; default: the NumPy twins, which serve host arrays only), each
     ``{name: (serial, parallel)}``; ``arrays`` is the backend's array adapter (default: the
-    host's)."""
+    host's). ``native`` (optional, same form) holds entries for api's one-call paths
+    (:func:`fast_kernel`), which call them with 2-D C-contiguous aligned float32/float64
+    arrays only: a backend whose ``kernels`` adapt other inputs (Numba's half-precision bit
+    views) registers its bare kernels there, saving the adapter's call (0.1 us of 2.5)."""
     missing = [n for n in reference.KERNELS if n not in kernels]
     if missing:
         raise ValueError(f"backend {backend!r} lacks the kernels {missing}")
     twins = {name: (getattr(reference, name),) * 2 for name in reference.PHASES}
     for name, fns in {**twins, **(phases or {}), **kernels}.items():
-        _TABLE[(name, backend)] = fns
+        _TABLE[(name, backend)] = _NATIVE[(name, backend)] = fns
     _ARRAYS[backend] = arrays = arrays or _arrays.HOST
+    if arrays is not _arrays.HOST:
+        _DEVICE.add(backend)
     for name, (base, compose) in FUSED.items():
         if name not in kernels:
             fin = _TABLE[(reference.FINALIZE, backend)][0]
-            _TABLE[(name, backend)] = tuple(compose(k, fin, arrays) for k in kernels[base])
+            _TABLE[(name, backend)] = _NATIVE[(name, backend)] = tuple(
+                compose(k, fin, arrays) for k in kernels[base])
+    for name, fns in (native or {}).items():
+        _NATIVE[(name, backend)] = fns
     _LOADED.add(backend)
 
 
@@ -308,14 +319,14 @@ def fast_kernel(name, backend, work):
         if backend == "cuda":
             return None, False
         resolve(backend)  # loads it, or raises ValueError
-    if _ARRAYS[backend] is not _arrays.HOST:
+    if backend in _DEVICE:
         return None, False
-    return kernel(name, backend, work), backend in CHECKING
+    return kernel(name, backend, work, _NATIVE), backend in CHECKING
 
 
-def kernel(name, backend, work):
+def kernel(name, backend, work, table=_TABLE):
     """The function to call for kernel ``name`` on ``backend`` for ``work`` elements."""
-    serial, parallel = _TABLE[(name, backend)]
+    serial, parallel = table[(name, backend)]
     n = _num_threads[0]
     if work < PARALLEL_MIN or n == 1 or _forked[0] or serial is parallel:
         return serial

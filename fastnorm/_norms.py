@@ -34,6 +34,7 @@ from .reference import (BACKWARD_COEFS, BWD_APPLY, CHANNELS_EVAL, CHANNELS_FWD_G
                         SCALE_SHIFT, SPREAD, WEIGHT_GRADS)
 
 FAST = (np.dtype(np.float32), np.dtype(np.float64))   # dtypes the fast paths take
+_INF = float("inf")
 FUSED_SLAB = 1 << 18  # elements of one sample's channels-last slab, see fuse()
 
 
@@ -509,13 +510,13 @@ def _plain(a, n, dtype):
 def rows_fast(x, normalized_shape, weight, bias, eps, rms, out, return_stats, backend):
     """layer_norm / rms_norm over the last axis in one kernel call, or None."""
     if (type(x) is not np.ndarray or out is not None or return_stats or type(eps) is not float
-            or not 0.0 < eps < np.inf or x.dtype not in FAST or not x.size or not x.ndim
+            or not 0.0 < eps < _INF or x.dtype not in FAST or not x.size or not x.ndim
             or not x.flags.c_contiguous or not x.flags.aligned):
         return None
     M = x.shape[-1]
     if not ((normalized_shape == M) if type(normalized_shape) is int
-            else (type(normalized_shape) is tuple and len(normalized_shape) == 1
-                  and type(normalized_shape[0]) is int and normalized_shape[0] == M)):
+            else (type(normalized_shape) is tuple and normalized_shape == (M,)
+                  and type(normalized_shape[0]) is int)):
         return None
     k, checks = _dispatch.fast_kernel(ROWS_FWD, backend, x.size)
     if k is None or not (checks or _plain(weight, M, x.dtype) and _plain(bias, M, x.dtype)):
@@ -534,7 +535,7 @@ def rows_fast(x, normalized_shape, weight, bias, eps, rms, out, return_stats, ba
 def batch_eval_fast(x, rm, rv, weight, bias, training, eps, axis, out, return_stats, backend):
     """Eval-mode batch_norm with channels on the last axis in one kernel call, or None."""
     if (training is not False or type(x) is not np.ndarray or out is not None
-            or return_stats or type(eps) is not float or not 0.0 < eps < np.inf
+            or return_stats or type(eps) is not float or not 0.0 < eps < _INF
             or x.dtype not in FAST or not x.size or x.ndim < 2
             or not (axis == -1 or axis == x.ndim - 1)
             or not x.flags.c_contiguous or not x.flags.aligned):
@@ -547,8 +548,9 @@ def batch_eval_fast(x, rm, rv, weight, bias, training, eps, axis, out, return_st
                          and _plain(weight, C, x.dtype) and _plain(bias, C, x.dtype)):
         return None
     y = np.empty_like(x)
+    x2, y2 = (x, y) if x.ndim == 2 else (x.reshape(-1, C), y.reshape(-1, C))
     try:
-        k(x, rm, rv, weight, bias, eps, y)
+        k(x2, rm, rv, weight, bias, eps, y2)
     except (TypeError, ValueError):  # an argument the kernel declines: the general path
         return None
     return y

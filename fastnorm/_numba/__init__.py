@@ -81,10 +81,15 @@ def _rows_of(kernel):
     return entry
 
 
-KERNELS = {name: tuple(_entry(d, *_ARGS[name])
-                       for d in getattr(rows if name.startswith("rows") else channels, name))
+def _dispatchers(name):
+    return getattr(rows if name.startswith("rows") else channels, name)
+
+
+KERNELS = {name: tuple(_entry(d, *_ARGS[name]) for d in _dispatchers(name))
            for name in _reference.KERNELS + _reference.FUSED}
-KERNELS["channels_eval"] = tuple(_rows_of(k) for k in KERNELS["channels_eval"])
+KERNELS[_reference.CHANNELS_EVAL] = tuple(_rows_of(k) for k in KERNELS[_reference.CHANNELS_EVAL])
+# api's one-call paths pass 2-D float32/float64 arrays: the bare dispatchers
+NATIVE = {name: _dispatchers(name) for name in (_reference.ROWS_FWD, _reference.CHANNELS_EVAL)}
 
 
 def set_num_threads(n):
