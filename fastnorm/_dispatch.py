@@ -158,8 +158,6 @@ def register(backend, kernels, phases=None, arrays=None, native=None):
     for name, fns in {**twins, **(phases or {}), **kernels}.items():
         _TABLE[(name, backend)] = _NATIVE[(name, backend)] = fns
     _ARRAYS[backend] = arrays = arrays or _arrays.HOST
-    if arrays is not _arrays.HOST:
-        _DEVICE.add(backend)
     for name, (base, compose) in FUSED.items():
         if name not in kernels:
             fin = _TABLE[(reference.FINALIZE, backend)][0]
@@ -167,6 +165,10 @@ def register(backend, kernels, phases=None, arrays=None, native=None):
                 compose(k, fin, arrays) for k in kernels[base])
     for name, fns in (native or {}).items():
         _NATIVE[(name, backend)] = fns
+    if arrays is not _arrays.HOST:           # device arrays never take the one-call paths
+        _DEVICE.add(backend)
+        for key in [k for k in _NATIVE if k[1] == backend]:
+            del _NATIVE[key]
     _LOADED.add(backend)
 
 
@@ -315,12 +317,15 @@ def fast_kernel(name, backend, work):
     to a device backend (the general path routes it)."""
     if backend is None:
         backend = _current.get() or default_backend()
-    if backend not in _LOADED:
-        if backend == "cuda":
+    fns = _NATIVE.get((name, backend))        # host backends only (a 2 us call: no detours)
+    if fns is None:
+        if backend == "cuda" or backend in _DEVICE:
             return None, False
         resolve(backend)  # loads it, or raises ValueError
-    if backend in _DEVICE:
-        return None, False
+        fns = _NATIVE[(name, backend)]
+    serial, parallel = fns
+    if work < PARALLEL_MIN or _num_threads[0] == 1 or _forked[0]:
+        return serial, backend in CHECKING
     return kernel(name, backend, work, _NATIVE), backend in CHECKING
 
 
@@ -328,7 +333,7 @@ def kernel(name, backend, work, table=_TABLE):
     """The function to call for kernel ``name`` on ``backend`` for ``work`` elements."""
     serial, parallel = table[(name, backend)]
     n = _num_threads[0]
-    if work < PARALLEL_MIN or n == 1 or _forked[0] or serial is parallel:
+    if work < PARALLEL_MIN or n == 1 or _forked[0]:
         return serial
     mod = _MODS.get(backend)  # compiled CPU backends keep their own (per-thread) count
     if mod is not None and mod.get_num_threads() != n:
