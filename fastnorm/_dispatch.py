@@ -28,7 +28,7 @@ import os
 import threading
 import warnings
 
-from . import _arrays, _checks, reference
+from . import _arrays, _checks, _threads, reference
 
 BACKENDS = ("cython", "numba", "numpy")          # preference order, fastest first
 _MODULES = {"numba": "fastnorm._numba", "cython": "fastnorm_cy", "cuda": "fastnorm._cuda"}
@@ -54,6 +54,7 @@ _current = contextvars.ContextVar("fastnorm_backend", default=None)
 MAX_THREADS = os.cpu_count() or 1
 _num_threads = [MAX_THREADS]
 _forked = [False]
+WATCH = _threads.Watch()   # parallel kernels step back while other pools hold the cores
 
 # os.environ.get costs 0.2-0.5 us (key encoding, a KeyError when unset): a quarter of a
 # one-row call. Read CPython's backing dict, which os.environ[...] = / del / putenv-through-
@@ -122,7 +123,10 @@ def _load(backend):
                        for name in reference.KERNELS + reference.FUSED}
         elif backend in _MODULES:
             try:
-                mod = importlib.import_module(_MODULES[backend])
+                with _threads.configured():    # libgomp's spin-wait (see fastnorm._threads)
+                    mod = importlib.import_module(_MODULES[backend])
+                    if not _forked[0] and hasattr(mod, "start_threads"):
+                        mod.start_threads()   # a runtime that loads lazily: now, inside
                 kernels = mod.KERNELS
             except ImportError as e:  # not built / not installed
                 _FAILED[backend] = str(e)
@@ -333,9 +337,13 @@ def kernel(name, backend, work, table=_TABLE):
     """The function to call for kernel ``name`` on ``backend`` for ``work`` elements."""
     serial, parallel = table[(name, backend)]
     n = _num_threads[0]
-    if work < PARALLEL_MIN or n == 1 or _forked[0]:
+    if work < PARALLEL_MIN or n == 1 or _forked[0] or serial is parallel:
+        return serial
+    if backend in _DEVICE:
+        return parallel
+    if WATCH.busy():          # another pool's threads hold the cores (fastnorm._threads)
         return serial
     mod = _MODS.get(backend)  # compiled CPU backends keep their own (per-thread) count
     if mod is not None and mod.get_num_threads() != n:
         mod.set_num_threads(n)
-    return parallel
+    return WATCH.timed(parallel, (name, backend), work)

@@ -1,8 +1,10 @@
 """python -m fastnorm info: what resolved on this machine.
 
 Versions, the backends that load (and why the others do not), the default and how it was
-chosen, the thread count, the Cython build (SIMD clone the CPU runs, compiler, OpenMP) and
-Numba's threading layer (initialized by one small parallel call, so it names the real one).
+chosen, the thread count, the Cython build (SIMD clone the CPU runs, compiler, OpenMP),
+Numba's threading layer (initialized by one small parallel call, so it names the real one),
+how libgomp's spin-wait was set, and how many parallel calls found the cores held by another
+thread pool (``fastnorm._threads``).
 """
 import os
 import platform
@@ -10,7 +12,7 @@ import sys
 
 import numpy as np
 
-from . import __version__, _dispatch
+from . import __version__, _dispatch, _threads
 
 
 def add_arguments(parser):
@@ -38,6 +40,8 @@ def collect():
     for name, mod in mods.items():
         if hasattr(mod, "info"):
             info[name] = mod.info()
+    info["openmp_spin"] = _threads.STATE["policy"] or "no OpenMP runtime loaded yet"
+    info["contended_calls"] = _dispatch.WATCH.contended   # run serially (fastnorm._threads)
     return info
 
 

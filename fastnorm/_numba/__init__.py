@@ -102,6 +102,12 @@ def get_num_threads():
     return numba.get_num_threads()
 
 
+def start_threads():
+    # numba loads its threading layer (the omp one links libgomp) on first use; the
+    # dispatcher calls this while it sets libgomp's spin count (fastnorm._threads)
+    numba.get_num_threads()
+
+
 def info():
     return {"numba": numba.__version__, "threading_layer": _threading_layer()}
 
